@@ -1,0 +1,27 @@
+# The README's two commands: `make demo` and `make test`. Both create .venv and install everything on a
+# fresh machine. torch==2.13.0 is installed first (the CPU build on CPU machines) only when no torch is
+# importable, so pip never pulls the CUDA build through the package's `torch>=` lower bound.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.nemotune-installed
+
+.PHONY: setup demo test clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+demo: setup
+	$(PY) -m recipes.demo
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) work
