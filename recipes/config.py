@@ -1,0 +1,287 @@
+"""Typed configuration for every nemotune entry point, composed by Hydra from conf/.
+
+`compose(config_name, overrides)` builds the config from the `conf` package (groups model/ data/ peft/
+parallel/ trainer/ cluster/ and experiment/ overlays) on top of the dataclass schema below, so a wrong
+key or type fails at composition. `validate(cfg)` then checks what types cannot (divisibility, files,
+cross-field rules) and reports every problem at once, each with its key and the fix, before any process
+group or model exists.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra import compose as hydra_compose
+from hydra import initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, OmegaConf
+
+from data_prep.config import DataConfig
+from launchers.config import ClusterConfig
+
+
+@dataclass
+class RunConfig:
+    name: str = "tiny"
+    output_dir: str = "work/runs/${run.name}"
+    seed: int = 1234
+    resume_if_exists: bool = True
+    tensorboard: bool = True
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
+    hf_config: Dict[str, Any] = field(default_factory=dict)
+    hf_path: Optional[str] = None
+    tokenizer: str = "nemotune/tiny"
+    # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
+    checkpoint: Optional[str] = None
+
+
+@dataclass
+class LoraSettings:
+    dim: int = 32
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+    layer_selection: Optional[List[int]] = None
+    init_method_a: str = "kaiming"
+
+
+@dataclass
+class PeftConfig:
+    peft_scheme: str = "lora"
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    # an adapter to start from: a nemotune checkpoint / adapter dir, or a Hugging Face PEFT dir
+    restore_from: Optional[str] = None
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    context_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+
+@dataclass
+class SftConfig:
+    """NeMo-Aligner's trainer.sft contract."""
+    max_epochs: int = 1
+    max_steps: int = -1
+    # int: every N steps; float in (0, 1]: that fraction of an epoch
+    val_check_interval: float = 1.0
+    save_interval: int = -1  # steps; -1 = at every validation; must be a multiple of val_check_interval
+    limit_val_batches: float = 1.0  # int >= 1: that many batches; float in (0, 1]: that fraction
+    gradient_clip_val: float = 1.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-8
+    warmup_steps: int = 10
+    scheduler: str = "cosine"
+
+
+@dataclass
+class TrainerConfig:
+    sft: SftConfig = field(default_factory=SftConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    micro_batch_size: int = 1
+    global_batch_size: int = 8
+    train_split: str = "train"
+    validation_split: str = "validation"
+    save_top_k: int = 2
+    precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
+    log_every_n_steps: int = 1
+    # stop after this many steps of this process, leaving a resumable checkpoint (tests, preemption drills)
+    stop_after_steps: int = -1
+
+
+@dataclass
+class StageConfig:
+    name: str = "stage"
+    # dotted-key overrides applied on top of the root config for this stage, e.g. {"trainer.optim.lr": 5e-5}
+    overrides: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class LoraSftConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # multi-stage runs (two_stage); empty = a single run
+    stages: List[StageConfig] = field(default_factory=list)
+
+
+SCHEMAS = {"lora_sft_schema": LoraSftConfig}
+
+
+class ConfigError(ValueError):
+    """Every problem found in a config, one per line with its key and the fix."""
+
+    def __init__(self, problems: List[str]):
+        self.problems = list(problems)
+        super().__init__("invalid configuration ({} problem{}):\n".format(
+            len(problems), "" if len(problems) == 1 else "s") + "\n".join(f"  - {p}" for p in problems))
+
+
+def _register_schemas() -> None:
+    store = ConfigStore.instance()
+    for name, node in SCHEMAS.items():
+        store.store(name=name, node=node)
+
+
+def compose(config_name: str = "lora_sft", overrides: Optional[List[str]] = None) -> DictConfig:
+    """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`)."""
+    _register_schemas()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    return cfg
+
+
+def experiment_names() -> List[str]:
+    root = Path(__file__).resolve().parent.parent / "conf" / "experiment"
+    return sorted(p.stem for p in root.glob("*.yaml"))
+
+
+def world_size(cfg: DictConfig) -> int:
+    """Processes this run will have: torchrun's WORLD_SIZE when launched, else what the cluster asks for."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    return int(cfg.cluster.nodes) * int(cfg.cluster.nproc_per_node)
+
+
+def _hf_config(cfg: DictConfig, problems: List[str]) -> Optional[dict]:
+    from recipes.model import ModelConfigError, load_hf_config
+
+    try:
+        if cfg.model.hf_path:
+            return load_hf_config(cfg.model.hf_path)
+        return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
+    except ModelConfigError as err:
+        key = "model.hf_path" if cfg.model.hf_path else "model.hf_config"
+        problems.append(f"{key}: {err}")
+        return None
+
+
+def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
+    """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable."""
+    problems: List[str] = []
+    par, tr, sft = cfg.parallel, cfg.trainer, cfg.trainer.sft
+    tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
+    for key, value in (("parallel.tensor_model_parallel_size", tp),
+                       ("parallel.pipeline_model_parallel_size", pp),
+                       ("parallel.context_parallel_size", cp),
+                       ("trainer.micro_batch_size", tr.micro_batch_size),
+                       ("trainer.global_batch_size", tr.global_batch_size)):
+        if value < 1:
+            problems.append(f"{key}={value}: must be >= 1")
+    hf = _hf_config(cfg, problems)
+    if hf and tp >= 1:
+        heads, groups = hf["num_attention_heads"], hf["num_key_value_heads"]
+        if heads % tp:
+            problems.append(f"parallel.tensor_model_parallel_size={tp}: must divide the {heads} attention "
+                            f"heads of model {cfg.model.name}; use one of {_divisors(heads)}")
+        if groups % tp:
+            problems.append(f"parallel.tensor_model_parallel_size={tp}: must divide the {groups} query groups "
+                            f"(num_key_value_heads) of model {cfg.model.name}; use one of {_divisors(groups)}")
+        if pp >= 1 and hf["num_hidden_layers"] % pp:
+            problems.append(f"parallel.pipeline_model_parallel_size={pp}: must divide the "
+                            f"{hf['num_hidden_layers']} layers; use one of {_divisors(hf['num_hidden_layers'])}")
+        max_len = cfg.data.pack_size if cfg.data.packing else cfg.data.max_seq_length
+        if max_len > hf["max_position_embeddings"]:
+            key = "data.pack_size" if cfg.data.packing else "data.max_seq_length"
+            problems.append(f"{key}={max_len}: longer than the model's max_position_embeddings "
+                            f"({hf['max_position_embeddings']}); lower it")
+    if par.sequence_parallel and tp == 1:
+        problems.append("parallel.sequence_parallel=true: needs parallel.tensor_model_parallel_size > 1; "
+                        "set it to false or raise TP")
+    world = world_size(cfg)
+    model_parallel = max(tp, 1) * max(pp, 1) * max(cp, 1)
+    if world % model_parallel:
+        problems.append(f"cluster: {world} processes is not a multiple of TP x PP x CP = {model_parallel}; "
+                        "change cluster.nodes / cluster.nproc_per_node or the parallel sizes")
+    else:
+        dp = world // model_parallel
+        if tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * dp):
+            problems.append(f"trainer.global_batch_size={tr.global_batch_size}: must be divisible by "
+                            f"micro_batch_size x data-parallel size = {tr.micro_batch_size} x {dp}; "
+                            f"use a multiple of {tr.micro_batch_size * dp}")
+    if cfg.data.packing and tr.micro_batch_size != 1:
+        problems.append(f"trainer.micro_batch_size={tr.micro_batch_size}: packed sequences need 1 "
+                        "(each pack already holds many examples); set it to 1 or data.packing=false")
+    if sft.max_epochs < 1 and sft.max_steps < 1:
+        problems.append("trainer.sft.max_epochs / max_steps: set max_epochs >= 1 or max_steps >= 1")
+    vci = sft.val_check_interval
+    if vci <= 0 or (vci > 1 and vci != int(vci)):
+        problems.append(f"trainer.sft.val_check_interval={vci}: an int number of steps >= 1 or a fraction "
+                        "of an epoch in (0, 1]")
+    if sft.save_interval > 0 and vci >= 1 and sft.save_interval % int(vci):
+        problems.append(f"trainer.sft.save_interval={sft.save_interval}: must be a multiple of "
+                        f"val_check_interval={int(vci)}")
+    if tr.optim.lr <= 0:
+        problems.append(f"trainer.optim.lr={tr.optim.lr}: must be > 0")
+    if tr.precision not in ("auto", "fp32", "bf16"):
+        problems.append(f"trainer.precision={tr.precision}: use auto, fp32 or bf16")
+    if cfg.peft.peft_scheme != "lora":
+        problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: only lora is supported")
+    if cfg.peft.lora.dim < 1:
+        problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
+    try:
+        from recipes.lora import resolve_targets
+
+        resolve_targets(list(cfg.peft.lora.target_modules))
+    except ImportError:
+        pass
+    except ValueError as err:
+        problems.append(f"peft.lora.target_modules: {err}")
+    if check_files:
+        for key in ("model.hf_path", "model.checkpoint", "peft.restore_from"):
+            value = OmegaConf.select(cfg, key)
+            if value and not Path(value).exists():
+                problems.append(f"{key}={value}: no such file or directory; fix the path "
+                                f"(base checkpoints come from `nemotune convert`)")
+    try:
+        from launchers.config import validate_cluster
+
+        problems.extend(validate_cluster(cfg))
+    except ImportError:
+        pass
+    if problems:
+        raise ConfigError(problems)
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def apply_overrides(cfg: DictConfig, overrides: Dict[str, Any]) -> DictConfig:
+    """A copy of `cfg` with dotted-key overrides (a stage's settings) merged in, types checked."""
+    merged = OmegaConf.merge(cfg, OmegaConf.from_dotlist([f"{k}={_dot(v)}" for k, v in overrides.items()]))
+    return merged
+
+
+def _dot(value: Any) -> str:
+    if isinstance(value, (list, dict)):
+        import json
+
+        return json.dumps(value)
+    return "null" if value is None else str(value)

@@ -1,0 +1,260 @@
+"""Build megatron-core's GPTModel from a Hugging Face LlamaForCausalLM config.
+
+The HF `config.json` is the single source of truth for the architecture: `conf/model/*.yaml` inline its
+fields (so an 8B model can be built on the meta device with nothing downloaded), or point `hf_path` at a
+checkpoint directory. Transformer Engine's layer spec is used when TE imports and CUDA is present, the
+local (pure PyTorch) spec otherwise; parameters are bf16 on GPU and fp32 on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
+
+# HF fields we read, with the defaults transformers' LlamaConfig applies when a field is absent.
+_HF_DEFAULTS = {
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 2048,
+    "initializer_range": 0.02,
+    "attention_bias": False,
+    "mlp_bias": False,
+    "hidden_act": "silu",
+}
+_HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+class ModelConfigError(ValueError):
+    pass
+
+
+def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
+    """Return a normalized LlamaForCausalLM config dict from a checkpoint dir, a config.json or a dict."""
+    if isinstance(path_or_dict, Mapping):
+        raw = dict(path_or_dict)
+        origin = "the model config"
+    else:
+        path = Path(path_or_dict)
+        config_file = path / "config.json" if path.is_dir() else path
+        if not config_file.is_file():
+            raise ModelConfigError(f"no config.json at {config_file}: point model.hf_path at a Hugging Face "
+                                   "checkpoint directory")
+        raw = json.loads(config_file.read_text())
+        origin = str(config_file)
+    raw = {k: v for k, v in raw.items() if v is not None or k == "rope_scaling"}
+    architectures = raw.get("architectures") or ["LlamaForCausalLM"]
+    if raw.get("model_type", "llama") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
+        raise ModelConfigError(
+            f"{origin}: unsupported architecture {architectures} (model_type {raw.get('model_type')!r}); "
+            f"nemotune supports {', '.join(SUPPORTED_ARCHITECTURES)}")
+    missing = [k for k in _HF_REQUIRED if k not in raw]
+    if missing:
+        raise ModelConfigError(f"{origin}: missing fields {missing}")
+    hf = {**_HF_DEFAULTS, **raw}
+    hf.setdefault("num_key_value_heads", hf["num_attention_heads"])
+    hf.setdefault("head_dim", hf["hidden_size"] // hf["num_attention_heads"])
+    hf["architectures"] = list(architectures)
+    hf["model_type"] = "llama"
+    if hf["hidden_act"] != "silu":
+        raise ModelConfigError(f"{origin}: hidden_act {hf['hidden_act']!r} is not supported (silu only)")
+    if hf["attention_bias"] or hf["mlp_bias"]:
+        raise ModelConfigError(f"{origin}: attention_bias / mlp_bias are not supported")
+    scaling = hf.get("rope_scaling")
+    if scaling:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        if kind not in ("llama3", "default"):
+            raise ModelConfigError(f"{origin}: rope_scaling type {kind!r} is not supported (llama3 only)")
+    return hf
+
+
+def te_available() -> bool:
+    """Transformer Engine's spec is used only where it imports and a CUDA device exists."""
+    if not torch.cuda.is_available():
+        return False
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def default_params_dtype() -> torch.dtype:
+    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dtype | None = None,
+                               tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
+                               sequence_parallel: bool = False, context_parallel_size: int = 1,
+                               **overrides):
+    """TransformerConfig for a Llama config (GQA, SwiGLU, RMSNorm, no biases)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    params_dtype = params_dtype or default_params_dtype()
+    on_gpu = torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=hf["num_hidden_layers"],
+        hidden_size=hf["hidden_size"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_query_groups=hf["num_key_value_heads"],
+        kv_channels=hf["head_dim"],
+        ffn_hidden_size=hf["intermediate_size"],
+        normalization="RMSNorm",
+        layernorm_epsilon=hf["rms_norm_eps"],
+        gated_linear_unit=True,
+        activation_func=torch.nn.functional.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=hf["initializer_range"],
+        params_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+        pipeline_dtype=params_dtype,
+        tensor_model_parallel_size=tensor_model_parallel_size,
+        pipeline_model_parallel_size=pipeline_model_parallel_size,
+        context_parallel_size=context_parallel_size,
+        sequence_parallel=sequence_parallel,
+        # identical full weights whatever the TP size, so runs at different TP compare exactly
+        use_cpu_initialization=not on_gpu,
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=on_gpu,
+        apply_rope_fusion=False,
+        persist_layer_norm=False,
+        gradient_accumulation_fusion=False,
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class SequenceParallelRMSNorm(torch.nn.RMSNorm):
+    """torch RMSNorm for the local spec that also runs under sequence parallelism.
+
+    megatron's WrappedTorchNorm refuses sequence_parallel; the maths is the same on a sequence shard,
+    and marking the weights `sequence_parallel` makes DDP all-reduce their grads across the TP group.
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
+def layer_spec(use_te: bool):
+    """The transformer-block spec: TE fused layers on GPU, local PyTorch layers otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
+
+    if use_te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = SequenceParallelRMSNorm
+    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
+    return spec, TransformerBlockSubmodules, SequenceParallelRMSNorm
+
+
+def llama3_inv_freq(hf: Mapping[str, Any]) -> torch.Tensor:
+    """RoPE inverse frequencies with Llama 3.x scaling, exactly as transformers computes them.
+
+    megatron-core hard-codes low/high_freq_factor 1/4 and an 8192 original context; this honours the
+    config's own values.
+    """
+    dim = hf["head_dim"]
+    inv_freq = 1.0 / (hf["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    scaling = hf.get("rope_scaling")
+    if not scaling or scaling.get("rope_type", scaling.get("type")) != "llama3":
+        return inv_freq
+    factor = scaling["factor"]
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    old_context = scaling.get("original_max_position_embeddings", 8192)
+    low_wavelen, high_wavelen = old_context / low, old_context / high
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) * ~(wavelen > low_wavelen)
+    return torch.where(medium, smoothed, scaled)
+
+
+def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
+                    post_process: bool | None = None, device: str | torch.device | None = None,
+                    use_te: bool | None = None, init_weights: bool = True, params_dtype=None,
+                    **config_overrides):
+    """GPTModel for this pipeline stage; `device="meta"` builds shapes only (parameter counting).
+
+    Uses megatron's parallel state; where none is initialized yet (a converter, a parameter count) a
+    world of one is started.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    from recipes.distributed import init_distributed
+
+    if not parallel_state.model_parallel_is_initialized():
+        init_distributed()
+
+    hf = load_hf_config(hf)
+    use_te = te_available() if use_te is None else use_te
+    meta = str(device) == "meta"
+    parallel = dict(
+        tensor_model_parallel_size=parallel_state.get_tensor_model_parallel_world_size(),
+        pipeline_model_parallel_size=parallel_state.get_pipeline_model_parallel_world_size(),
+        context_parallel_size=parallel_state.get_context_parallel_world_size(),
+    )
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage()
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage()
+    config = transformer_config_from_hf(
+        hf, params_dtype=params_dtype, perform_initialization=init_weights and not meta,
+        **{**parallel, **config_overrides})
+    if use_te:
+        spec = layer_spec(True)
+    else:
+        layer, block_submodules, norm = layer_spec(False)
+        spec = block_submodules(layer_specs=[layer] * _layers_on_this_stage(config), layer_norm=norm)
+    build_kwargs = dict(
+        config=config,
+        transformer_layer_spec=spec,
+        vocab_size=hf["vocab_size"],
+        max_sequence_length=hf["max_position_embeddings"],
+        pre_process=pre_process,
+        post_process=post_process,
+        share_embeddings_and_output_weights=bool(hf["tie_word_embeddings"]),
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=int(hf["rope_theta"]),
+    )
+    if meta:
+        with torch.device("meta"):
+            model = GPTModel(**build_kwargs)
+    else:
+        model = GPTModel(**build_kwargs)
+        rotary = getattr(model, "rotary_pos_emb", None)
+        if rotary is not None:
+            rotary.inv_freq = llama3_inv_freq(hf).to(rotary.inv_freq.device)
+        if device is not None:
+            model = model.to(device)
+        elif torch.cuda.is_available():
+            model = model.cuda()
+    model.hf_config = hf
+    return model
+
+
+def _layers_on_this_stage(config) -> int:
+    from megatron.core import parallel_state
+
+    return config.num_layers // parallel_state.get_pipeline_model_parallel_world_size()
+
+
+def count_parameters(model, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
