@@ -32,6 +32,7 @@ _MODULES_WITH_CUDA_LITERALS = (
     "megatron.core.optimizer.optimizer",
     "megatron.core.distributed.param_and_grad_buffer",
     "megatron.core.transformer.utils",  # the default causal mask
+    "megatron.core.utils",  # the local multi_tensor_l2norm fallback (no apex)
 )
 
 # megatron functions that insist parameters are `torch.cuda.*Tensor`: inside them a CPU tensor reports

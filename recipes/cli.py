@@ -1,0 +1,46 @@
+"""`nemotune <verb> ...`: one entry point dispatching to each folder's own main.
+
+Every verb also runs as a module: prep = python -m data_prep, convert = python -m converters.convert,
+export = python -m converters.export, train = python -m recipes.lora_sft, eval = python -m recipes.evaluate,
+launch = python -m launchers, demo = python -m recipes.demo.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+VERBS = {
+    "prep": ("data_prep", "dataset -> chat JSONL -> templated tokens + answer-only masks -> packed sequences"),
+    "convert": ("converters.convert", "HF <-> Megatron checkpoint <-> .nemo, and verify logits"),
+    "export": ("converters.export", "LoRA adapter -> HF PEFT / NeMo .nemo, or merge into the base"),
+    "train": ("recipes.lora_sft", "LoRA SFT on megatron-core (single or multi-stage)"),
+    "eval": ("recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
+    "launch": ("launchers", "run training with torchrun locally or submit it to Slurm"),
+    "demo": ("recipes.demo", "the whole pipeline on the embedded tiny model, on CPU"),
+}
+
+
+def usage() -> str:
+    lines = ["usage: nemotune <verb> [args ...]", "", "verbs:"]
+    lines += [f"  {verb:<8} {text}   (python -m {module})" for verb, (module, text) in VERBS.items()]
+    lines += ["", "`nemotune <verb> --help` explains each verb."]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    verb, rest = argv[0], argv[1:]
+    if verb not in VERBS:
+        print(f"nemotune: unknown verb {verb!r}\n\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(VERBS[verb][0])
+    result = module.main(rest)
+    return int(result or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

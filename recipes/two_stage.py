@@ -1,0 +1,58 @@
+"""Two-stage (multi-stage) LoRA SFT: each stage its own data / lr / epochs; stage N+1 starts from stage N's
+final adapter. One command runs them all and leaves every stage's adapter:
+
+    nemotune train experiment=tiny_two_stage
+    <run.output_dir>/<stage name>/checkpoints/step*/adapter
+
+Stages are dotted-key overrides on the root config (`stages: [{name, overrides}]`); the metrics of all
+stages share one time axis through `global_step`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List
+
+from omegaconf import DictConfig
+
+from recipes import distributed
+from recipes.config import apply_overrides, validate
+
+
+def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
+    """(name, config) per stage, validated together before anything runs."""
+    out = []
+    for stage in cfg.stages:
+        stage_cfg = apply_overrides(cfg, dict(stage.overrides))
+        stage_cfg.stages = []
+        validate(stage_cfg)
+        out.append((stage.name, stage_cfg))
+    return out
+
+
+def run_stages(cfg: DictConfig) -> list:
+    from recipes.lora_sft import train
+
+    root = Path(cfg.run.output_dir)
+    results, summary, previous_adapter, step_offset = [], [], None, 0
+    for name, stage_cfg in stage_configs(cfg):
+        if previous_adapter is not None and not stage_cfg.peft.restore_from:
+            stage_cfg.peft.restore_from = str(previous_adapter)
+        distributed.print_rank_zero(f"==== stage {name}: lr {stage_cfg.trainer.optim.lr}, "
+                                    f"{stage_cfg.trainer.sft.max_epochs} epoch(s), "
+                                    f"train split {stage_cfg.trainer.train_split}, "
+                                    f"starts from {stage_cfg.peft.restore_from or 'a fresh adapter'}")
+        result = train(stage_cfg, run_dir=root / name, stage=name, step_offset=step_offset)
+        if not result.finished:
+            distributed.print_rank_zero(f"stage {name} stopped early at step {result.steps}; rerun the same "
+                                        "command to resume")
+            return results + [result]
+        results.append(result)
+        summary.append({"stage": name, "adapter": str(result.adapter_dir), "steps": result.steps,
+                        "val_loss": result.last_val_loss, "global_step_offset": step_offset})
+        previous_adapter = result.adapter_dir
+        step_offset += result.steps
+    if distributed.is_rank_zero():
+        (root / "stages.json").write_text(json.dumps(summary, indent=2))
+    return results

@@ -1,0 +1,43 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+TINY_HF = dict(
+    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=176, vocab_size=1024,
+    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
+    rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
+                      original_max_position_embeddings=256),
+    tie_word_embeddings=False)
+
+
+@pytest.fixture
+def tiny_hf_config():
+    return dict(TINY_HF)
+
+
+@pytest.fixture
+def shared_fiqa():
+    path = SHARED_DATA / "fiqa" / "test.jsonl"
+    if not path.is_file():
+        pytest.skip(f"real FiQA rows not available ({path} is absent: ../shared/data lies beside the checkout)")
+    return path
+
+
+def run_torchrun(script: Path, *args, nproc: int = 2, timeout: int = 600, env=None) -> subprocess.CompletedProcess:
+    """Launch a multi-rank gloo job on this machine (rendezvous on localhost:0) and return its output."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--rdzv_backend", "c10d", "--rdzv_endpoint", "localhost:0", "--max_restarts", "0",
+           str(script), *map(str, args)]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", **(env or {})}
+    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=full_env)
+    if result.returncode != 0:
+        raise AssertionError(f"torchrun {script.name} failed ({result.returncode}):\n{result.stdout[-4000:]}\n"
+                             f"{result.stderr[-6000:]}")
+    return result
