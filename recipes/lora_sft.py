@@ -39,20 +39,19 @@ Multi-process: torchrun --nproc_per_node 2 -m recipes.lora_sft parallel=tp2 ...
 def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]:
     """Packed or per-example samples of one split, refusing data made by another tokenizer."""
     from data_prep import formats
-    from data_prep.tokenizer import tokenizer_fingerprint
+    from data_prep.tokenizer import same_tokenizer, tokenizer_fingerprint
 
     out = Path(cfg.data.output_dir)
     if not (out / "manifest.json").is_file():
         raise FileNotFoundError(f"data.output_dir={out}: no prepared data (manifest.json); run "
                                 f"`nemotune prep data={cfg.data.name} model={cfg.model.name}` first")
     manifest = formats.read_manifest(out)
-    expected = tokenizer_fingerprint(tokenizer)
-    found = manifest.get("tokenizer", {})
-    for key in ("tokenizer_json_sha256", "chat_template_sha256"):
-        if key in expected and key in found and expected[key] != found[key]:
-            raise ValueError(f"data.output_dir={out} was tokenized with a different tokenizer "
-                             f"({key} {found[key][:12]} != model tokenizer {expected[key][:12]} of "
-                             f"{cfg.model.tokenizer}); re-run `nemotune prep` with model={cfg.model.name}")
+    expected, found = tokenizer_fingerprint(tokenizer), manifest.get("tokenizer", {})
+    if not same_tokenizer(expected, found):
+        raise ValueError(f"data.output_dir={out} was tokenized by another tokenizer ({found.get('name')}, "
+                         f"tokenizer.json sha256 {str(found.get('tokenizer_json_sha256'))[:12]}) than the "
+                         f"model's {cfg.model.tokenizer} ({expected['tokenizer_json_sha256'][:12]}); re-run "
+                         f"`nemotune prep` with model={cfg.model.name}")
     if cfg.data.packing:
         path = formats.packed_path(out, split, cfg.data.pack_size, cfg.data.seed)
         records = formats.load_packed(path)
@@ -77,7 +76,7 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 
 def build_lora_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
-    from recipes.base_weights import load_base_weights
+    from converters.checkpoint import load_megatron_weights
     from recipes.lora import LoraConfig, apply_lora, load_adapter_state, print_trainable
     from recipes.model import build_gpt_model
 
@@ -87,7 +86,7 @@ def build_lora_model(cfg: DictConfig, hf: dict):
                             sequence_parallel=cfg.parallel.sequence_parallel,
                             calculate_per_token_loss=True)
     if cfg.model.checkpoint:
-        load_base_weights(model, cfg.model.checkpoint)
+        load_megatron_weights(model, cfg.model.checkpoint)
     lora = cfg.peft.lora
     apply_lora(model, LoraConfig(dim=lora.dim, alpha=lora.alpha, dropout=lora.dropout,
                                  target_modules=list(lora.target_modules),
@@ -260,12 +259,12 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
 
 
 def _base_only(cfg: DictConfig, hf: dict):
-    from recipes.base_weights import load_base_weights
+    from converters.checkpoint import load_megatron_weights
     from recipes.model import build_gpt_model
 
     model = build_gpt_model(hf, calculate_per_token_loss=True)
     if cfg.model.checkpoint:
-        load_base_weights(model, cfg.model.checkpoint)
+        load_megatron_weights(model, cfg.model.checkpoint)
     for param in model.parameters():
         param.requires_grad = False
     return model

