@@ -31,6 +31,8 @@ class RunConfig:
     seed: int = 1234
     resume_if_exists: bool = True
     tensorboard: bool = True
+    # multi-stage runs: run only this stage (Slurm runs each stage as a dependent job); null = all stages
+    stage: Optional[str] = None
 
 
 @dataclass
@@ -216,10 +218,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                         "set it to false or raise TP")
     world = world_size(cfg)
     model_parallel = max(tp, 1) * max(pp, 1) * max(cp, 1)
-    if world % model_parallel:
-        problems.append(f"cluster: {world} processes is not a multiple of TP x PP x CP = {model_parallel}; "
-                        "change cluster.nodes / cluster.nproc_per_node or the parallel sizes")
-    else:
+    # a world that is not a whole number of model replicas is reported by validate_cluster below
+    if world % model_parallel == 0:
         dp = world // model_parallel
         if tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * dp):
             problems.append(f"trainer.global_batch_size={tr.global_batch_size}: must be divisible by "
@@ -243,6 +243,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         problems.append(f"trainer.precision={tr.precision}: use auto, fp32 or bf16")
     if cfg.peft.peft_scheme != "lora":
         problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: only lora is supported")
+    stage_names = [stage.name for stage in cfg.stages]
+    if cfg.run.stage is not None and cfg.run.stage not in stage_names:
+        problems.append(f"run.stage={cfg.run.stage}: not a stage of this experiment; use one of {stage_names}")
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
     try:

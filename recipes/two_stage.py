@@ -32,28 +32,37 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
 
 
 def run_stages(cfg: DictConfig) -> list:
+    """Every stage in order, or only `run.stage` (a dependent Slurm job per stage)."""
+    from recipes.checkpointing import complete_checkpoints
     from recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
     results, summary, previous_adapter, step_offset = [], [], None, 0
     for name, stage_cfg in stage_configs(cfg):
+        stage_dir = root / name
+        if cfg.run.stage is not None and name != cfg.run.stage:
+            done = complete_checkpoints(stage_dir / "checkpoints")
+            if done:  # an earlier stage that ran in its own job: continue from its adapter on disk
+                previous_adapter = done[-1] / "adapter"
+                step_offset += json.loads((done[-1] / "trainer_state.json").read_text())["step"]
+            continue
         if previous_adapter is not None and not stage_cfg.peft.restore_from:
             stage_cfg.peft.restore_from = str(previous_adapter)
         distributed.print_rank_zero(f"==== stage {name}: lr {stage_cfg.trainer.optim.lr}, "
                                     f"{stage_cfg.trainer.sft.max_epochs} epoch(s), "
                                     f"train split {stage_cfg.trainer.train_split}, "
                                     f"starts from {stage_cfg.peft.restore_from or 'a fresh adapter'}")
-        result = train(stage_cfg, run_dir=root / name, stage=name, step_offset=step_offset)
+        result = train(stage_cfg, run_dir=stage_dir, stage=name, step_offset=step_offset)
+        results.append(result)
         if not result.finished:
             distributed.print_rank_zero(f"stage {name} stopped early at step {result.steps}; rerun the same "
                                         "command to resume")
-            return results + [result]
-        results.append(result)
+            return results
         summary.append({"stage": name, "adapter": str(result.adapter_dir), "steps": result.steps,
                         "val_loss": result.last_val_loss, "global_step_offset": step_offset})
         previous_adapter = result.adapter_dir
         step_offset += result.steps
-    if distributed.is_rank_zero():
+    if distributed.is_rank_zero() and cfg.run.stage is None:
         (root / "stages.json").write_text(json.dumps(summary, indent=2))
     return results
 

@@ -1,0 +1,107 @@
+"""`nemotune launch` / `python -m launchers`: compose the training config, validate it, then run it with
+torchrun here (cluster=local) or render + submit an sbatch job (cluster=slurm)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import List, Optional, Sequence
+
+from launchers.config import validate_cluster
+
+USAGE = """\
+nemotune launch [--dry-run] [--config-name NAME] [hydra overrides ...]
+
+Composes the same config as training (conf/<config-name>.yaml, default lora_sft) with your overrides,
+validates it (every problem at once, nothing is started or submitted while any remains), then:
+  cluster=local   runs `torchrun -m recipes.lora_sft <overrides>` on this machine
+  cluster=slurm   writes an sbatch script under cluster.output_dir and submits it (prints the job id);
+                  an experiment with `stages` becomes one job per stage, chained with afterok
+  --dry-run       prints the torchrun command / sbatch script(s) instead
+
+Examples:
+  nemotune launch experiment=tiny_lora cluster=local cluster.nproc_per_node=2
+  nemotune launch experiment=nano8b_fiqa_lora cluster=slurm cluster.nodes=4 cluster.partition=batch \\
+      cluster.account=myacct cluster.time=08:00:00 --dry-run
+  nemotune launch experiment=nano8b_fiqa_lora cluster=slurm_ngc cluster.container_image=/images/nemotune.sqsh
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nemotune launch", usage=USAGE, add_help=True)
+    p.add_argument("--dry-run", action="store_true", help="print the command/script instead of running it")
+    p.add_argument("--config-name", default="lora_sft", help="root config in conf/ (default lora_sft)")
+    p.add_argument("--config-dir", default=None, help=argparse.SUPPRESS)  # tests: a config dir on disk
+    p.add_argument("overrides", nargs="*", help="Hydra overrides: experiment=<name> cluster=slurm key=value")
+    return p
+
+
+def compose(config_name: str, overrides: Sequence[str], config_dir: Optional[str] = None):
+    if config_dir is None:
+        from recipes.config import compose as compose_root
+
+        return compose_root(config_name, list(overrides))
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(Path(config_dir).resolve()), version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=list(overrides))
+
+
+def check(cfg, *, full: bool) -> List[str]:
+    """All problems: the recipe's validate (which includes validate_cluster) for the real conf/ tree;
+    validate_cluster alone for a bare test config."""
+    problems: List[str] = []
+    if full:
+        try:
+            from recipes.config import ConfigError, validate
+        except ImportError:
+            validate = None
+        if validate is not None:
+            try:
+                validate(cfg)
+            except ConfigError as err:
+                problems.extend(err.problems)
+    for p in validate_cluster(cfg):
+        if p not in problems:
+            problems.append(p)
+    return problems
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = compose(args.config_name, args.overrides, args.config_dir)
+    except Exception as err:  # Hydra's composition errors: unknown key/group, bad type
+        msg = str(err)
+        if err.__cause__ is not None and str(err.__cause__) not in msg:
+            msg += f"\n{err.__cause__}"
+        print(f"nemotune launch: cannot compose the config: {msg}\nNothing was started or submitted.",
+              file=sys.stderr)
+        return 2
+    problems = check(cfg, full=args.config_dir is None)
+    if problems:
+        print(f"nemotune launch: invalid configuration ({len(problems)} problem"
+              f"{'s' if len(problems) != 1 else ''}); nothing was started or submitted:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+        return 2
+
+    from launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
+    from launchers.torchrun import entry_argv, run_local
+
+    cluster = _plain(cfg.cluster)
+    overrides = list(args.overrides)
+    if cluster["kind"] == "local":
+        staged = bool(cfg.get("stages"))
+        return run_local(cluster, entry_argv(cluster.get("module"), overrides, staged=staged),
+                         dry_run=args.dry_run)
+    jobs = render_jobs(cfg, overrides)
+    try:
+        submit_jobs(cluster, jobs, dry_run=args.dry_run)
+    except (SubmitError, FileNotFoundError) as err:
+        print(f"nemotune launch: {err}", file=sys.stderr)
+        return 1
+    return 0
