@@ -52,8 +52,11 @@ class LoraSettings:
     alpha: int = 32
     dropout: float = 0.0
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
-    layer_selection: Optional[List[int]] = None
+    layer_selection: Optional[List[int]] = None  # 1-based global layer numbers, as in NeMo; null = all
     init_method_a: str = "kaiming"
+    # canonical: one adapter per HF projection (q, k, v, gate, up each with its own A): HF PEFT's layout and
+    # parameter counts, exported 1:1. nemo: NeMo's fused lora_kqv_adapter / lora_hto4h_adapter (one shared A).
+    variant: str = "canonical"
 
 
 @dataclass
@@ -246,6 +249,8 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     stage_names = [stage.name for stage in cfg.stages]
     if cfg.run.stage is not None and cfg.run.stage not in stage_names:
         problems.append(f"run.stage={cfg.run.stage}: not a stage of this experiment; use one of {stage_names}")
+    if cfg.peft.lora.variant not in ("canonical", "nemo"):
+        problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use canonical or nemo")
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
     try:

@@ -10,6 +10,7 @@ A config with `stages` (conf/experiment/*two_stage*.yaml) runs each stage in tur
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +71,7 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
     return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
             "target_modules": resolve_targets(list(lora.target_modules)),
             "layer_selection": None if lora.layer_selection is None else list(lora.layer_selection),
-            "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.tokenizer,
+            "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.tokenizer,
             "base_checkpoint": cfg.model.checkpoint}
 
 
@@ -92,14 +93,25 @@ def build_lora_model(cfg: DictConfig, hf: dict):
                                  target_modules=list(lora.target_modules),
                                  layer_selection=None if lora.layer_selection is None
                                  else list(lora.layer_selection),
-                                 init_method_a=lora.init_method_a, seed=cfg.run.seed))
+                                 init_method_a=lora.init_method_a, variant=lora.variant, seed=cfg.run.seed))
     if cfg.peft.restore_from:
         from converters.adapter_io import load_adapter
 
-        state, _ = load_adapter(cfg.peft.restore_from)
+        state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant)
         load_adapter_state(model, state)
     print_trainable(model)
     return model
+
+
+def restore_dir(path: str) -> Path:
+    """An adapter dir, or a training checkpoint / run dir holding one (the latest checkpoint's adapter)."""
+    from recipes.checkpointing import complete_checkpoints
+
+    path = Path(path)
+    if (path / "adapter").is_dir():
+        return path / "adapter"
+    done = complete_checkpoints(path / "checkpoints")
+    return done[-1] / "adapter" if done else path
 
 
 def wrap_for_training(cfg: DictConfig, model):
@@ -233,27 +245,37 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
 @torch.no_grad()
 def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None,
                   with_lora: bool = True) -> dict:
-    """Answer-token loss and perplexity of base (+ adapter) on a prepared split, with the Megatron model."""
+    """Answer-token loss and perplexity of base (+ adapter) on a prepared split, with the Megatron model.
+
+    Outside torchrun this runs as one process (TP = PP = 1) whatever the training layout was.
+    """
     import math
 
     from data_prep.tokenizer import load_tokenizer
     from recipes.trainer import SupervisedTrainer
 
     cfg = cfg.copy()
+    cfg.stages = []
     if adapter_dir:
         cfg.peft.restore_from = str(adapter_dir)
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
+        cfg.parallel.context_parallel_size = 1
+        cfg.parallel.sequence_parallel = False
     init_from_config(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples = load_samples(cfg, split, tokenizer)
     hf = hf_config_of(cfg)
     model = build_lora_model(cfg, hf) if with_lora else _base_only(cfg, hf)
-    model_chunks, optimizer = wrap_for_training(cfg, model)
     cfg.trainer.sft.limit_val_batches = 1.0
+    cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size * max(
+        1, distributed.world_size() // (cfg.parallel.tensor_model_parallel_size *
+                                         cfg.parallel.pipeline_model_parallel_size))
     evaluator = SupervisedTrainer(
-        cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=None, train_samples=samples,
+        cfg=cfg, model=[model], optimizer=None, scheduler=None, train_samples=samples,
         val_samples=samples, pad_id=pad_id, seq_length=seq_length(cfg), hf_config=hf,
-        run_dir=Path(cfg.run.output_dir), checkpointer=None, stage="eval")
+        run_dir=Path(cfg.run.output_dir), checkpointer=None, stage="eval", log_metrics=False)
     loss = evaluator.validate()
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "samples": len(samples)}
 

@@ -251,8 +251,28 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
             model = model.to(device)
         elif torch.cuda.is_available():
             model = model.cuda()
+    if not (init_weights and not meta):
+        _mark_tensor_parallel_weights(model)
     model.hf_config = hf
     return model
+
+
+def _mark_tensor_parallel_weights(model) -> None:
+    """megatron tags a weight's TP partition only while initializing it; tag the uninitialized ones too,
+    so sharding, loading and parameter counting work for a model built without initialization."""
+    from megatron.core import tensor_parallel
+    from megatron.core.tensor_parallel.layers import (ColumnParallelLinear, RowParallelLinear,
+                                                      VocabParallelEmbedding)
+
+    for module in model.modules():
+        dim = {ColumnParallelLinear: 0, VocabParallelEmbedding: 0, RowParallelLinear: 1}.get(type(module))
+        if dim is None:
+            for cls, d in ((ColumnParallelLinear, 0), (VocabParallelEmbedding, 0), (RowParallelLinear, 1)):
+                if isinstance(module, cls):
+                    dim = d
+        weight = getattr(module, "weight", None)
+        if dim is not None and weight is not None and not hasattr(weight, "partition_dim"):
+            tensor_parallel.set_tensor_model_parallel_attributes(weight, True, dim, 1)
 
 
 def _layers_on_this_stage(config) -> int:
