@@ -7,8 +7,10 @@ Layout of a prepared directory <out>:
   <split>.tokenized.jsonl      {"id", "input_ids", "loss_mask"} per example
   <split>/packed_{pack_size}_seed{seed}.npy  NeMo packed format: object array of dicts with
                                              input_ids, loss_mask, seq_start_id (+ .parquet, _metadata.json)
-loss_mask is aligned with input_ids: 1 on every token the model must produce (assistant content and its
-end-of-turn token). The trainer predicts token i+1 at position i and weights it by loss_mask[i+1].
+In <split>.tokenized.jsonl loss_mask is aligned with input_ids: 1 on every token the model must produce
+(assistant content and its end-of-turn token). In the packed files it follows NeMo's packed convention,
+label-aligned: loss_mask[i] weights the prediction of token i+1 (shifted left by one per example, False at
+each example's last token), so NeMo's packed SFT dataset reads our files unchanged.
 """
 from __future__ import annotations
 

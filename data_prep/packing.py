@@ -70,14 +70,18 @@ def pad_to_multiple(input_ids: Sequence[int], loss_mask: Sequence[int], multiple
 
 
 def build_packs(examples: Sequence[dict], bins: list[list[int]]) -> list[dict]:
-    """Concatenate the examples of each bin: NeMo packed dicts with input_ids, loss_mask, seq_start_id."""
+    """Concatenate the examples of each bin: NeMo packed dicts with input_ids, loss_mask, seq_start_id.
+
+    As in NeMo's packer, a pack's loss_mask is label-aligned: loss_mask[i] weights the prediction of token
+    i+1 (the example's token-aligned mask shifted left by one, False at each example's last position).
+    """
     packs = []
     for members in bins:
         input_ids, loss_mask, starts = [], [], []
         for i in members:
             starts.append(len(input_ids))
             input_ids.extend(examples[i]["input_ids"])
-            loss_mask.extend(examples[i]["loss_mask"])
+            loss_mask.extend(list(examples[i]["loss_mask"])[1:] + [0])
         packs.append({"input_ids": input_ids, "loss_mask": loss_mask, "seq_start_id": starts})
     return packs
 

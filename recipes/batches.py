@@ -1,8 +1,9 @@
 """Training samples -> model inputs: labels, answer-only loss weights, per-document positions and masks.
 
 A sample is a pack (NeMo packed format: `input_ids`, `loss_mask`, `seq_start_id`) or a single tokenized
-example (a pack of one document). Token i predicts token i+1 of the same document, weighted by
-`loss_mask[i+1]`; no position predicts across a document boundary. Positions restart at every document.
+example (a pack of one document). A Sample's loss_mask is label-aligned as in NeMo's packed files: position i
+predicts token i+1 of the same document with weight loss_mask[i]; no position predicts across a document
+boundary. Positions restart at every document.
 On the local (PyTorch) spec documents are separated by a block-diagonal causal mask; with Transformer
 Engine the same packs go through THD `cu_seqlens` (`PackedSeqParams`).
 
@@ -31,21 +32,22 @@ class Sample:
         return [b - a for a, b in zip(bounds[:-1], bounds[1:]) if b > a]
 
 
-def sample_from_record(record: dict) -> Sample:
-    """A packed-file row or a tokenized-jsonl row (which has no seq_start_id: one document)."""
+def sample_from_record(record: dict, *, label_aligned: bool) -> Sample:
+    """A packed-file row (label-aligned mask) or a tokenized-jsonl row (token-aligned mask, one document)."""
     input_ids = np.asarray(record["input_ids"], dtype=np.int64)
-    loss_mask = np.asarray(record["loss_mask"], dtype=np.float32)
+    mask = np.asarray(record["loss_mask"], dtype=np.float32)
+    if not label_aligned:
+        mask = np.concatenate([mask[1:], np.zeros(1, dtype=np.float32)])
     starts = [int(s) for s in record.get("seq_start_id", [0])]
-    return Sample(input_ids=input_ids, loss_mask=loss_mask, seq_start_id=starts)
+    return Sample(input_ids=input_ids, loss_mask=mask, seq_start_id=starts)
 
 
 def targets_and_weights(sample: Sample):
-    """labels[i] = input_ids[i+1] and weight[i] = loss_mask[i+1] within a document, 0 at its last token."""
-    ids, mask = sample.input_ids, sample.loss_mask
+    """labels[i] = input_ids[i+1] and weight[i] = loss_mask[i] within a document, 0 at its last token."""
+    ids = sample.input_ids
     labels = np.zeros_like(ids)
-    weights = np.zeros(len(ids), dtype=np.float32)
     labels[:-1] = ids[1:]
-    weights[:-1] = mask[1:]
+    weights = sample.loss_mask.astype(np.float32).copy()
     bounds = list(sample.seq_start_id[1:]) + [len(ids)]
     for end in bounds:
         weights[end - 1] = 0.0

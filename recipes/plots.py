@@ -24,7 +24,6 @@ class PlotSpec:
     title: str
     ylabel: str
     series: tuple[tuple[str, str], ...]  # (metrics key, legend label)
-    logy: bool = False
 
 
 PLOTS = (
@@ -83,6 +82,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     run_dir = Path(run_dir)
     rows = load_metrics(run_dir)
@@ -91,16 +91,20 @@ def make_plots(run_dir: str | Path) -> list[Path]:
     for spec in PLOTS:
         series = []
         for key, label in spec.series:
-            points = [(r["x"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
+            points = [(r["x"], r[key], r["stage"]) for r in rows if isinstance(r.get(key), (int, float))]
             if points:
                 series.append((label, points))
         if not series:
             continue
         fig, ax = plt.subplots(figsize=FIGSIZE, dpi=DPI)
         try:
-            for label, points in series:
-                xs, ys = zip(*points)
-                ax.plot(xs, ys, marker="o" if len(xs) < 30 else None, markersize=3, label=label)
+            for i, (label, points) in enumerate(series):
+                # One segment per stage, same colour: no line is drawn across a stage boundary.
+                segments = [[(x, y) for x, y, st in points if st == stage] for stage, _ in starts]
+                for k, seg in enumerate(s for s in segments if s):
+                    xs, ys = zip(*seg)
+                    ax.plot(xs, ys, color=f"C{i}", marker="o" if len(points) < 30 else None, markersize=3,
+                            label=label if k == 0 else None)
             for stage, x in starts[1:]:
                 ax.axvline(x, color="gray", linestyle="--", linewidth=1)
                 ax.annotate(stage, (x, 1.0), xycoords=("data", "axes fraction"), xytext=(3, -12),
@@ -108,6 +112,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
             ax.set_title(spec.title + (f" ({', '.join(s for s, _ in starts)})" if len(starts) > 1 else ""))
             ax.set_xlabel("global step" if len(starts) > 1 else "step")
             ax.set_ylabel(spec.ylabel)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.grid(True, alpha=0.3)
             if len(series) > 1:
                 ax.legend()

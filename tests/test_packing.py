@@ -50,7 +50,8 @@ def test_oversized_example_is_refused():
 def test_build_packs_and_pad_to_multiple():
     examples = [{"input_ids": [1, 2, 3], "loss_mask": [0, 1, 1]}, {"input_ids": [4, 5], "loss_mask": [0, 1]}]
     [pack] = packing.build_packs(examples, [[1, 0]])
-    assert pack == {"input_ids": [4, 5, 1, 2, 3], "loss_mask": [0, 1, 0, 1, 1], "seq_start_id": [0, 2]}
+    # NeMo's label-aligned pack mask: per example shifted left by one, 0 at its last token
+    assert pack == {"input_ids": [4, 5, 1, 2, 3], "loss_mask": [1, 0, 1, 1, 0], "seq_start_id": [0, 2]}
     assert packing.pad_to_multiple([1, 2, 3], [0, 1, 1], 4, pad_id=9) == ([1, 2, 3, 9], [0, 1, 1, 0])
     assert packing.pad_to_multiple([1, 2, 3, 4], [1, 1, 1, 1], 4, pad_id=9) == ([1, 2, 3, 4], [1, 1, 1, 1])
 
