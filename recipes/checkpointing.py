@@ -23,6 +23,10 @@ import torch
 from recipes import distributed
 
 STATE_FILE = "trainer_state.json"
+def sharding_metadata() -> dict:
+    """The distributed optimizer's state in megatron's format that any TP / PP / DP can load."""
+    # a fresh dict each time: megatron stores the current data-parallel group into it
+    return {"distrib_optim_sharding_type": "fully_reshardable"}
 
 
 def sha256_of_path(path: str | Path) -> str:
@@ -40,8 +44,8 @@ def sha256_of_path(path: str | Path) -> str:
 
 def adapter_sharded_state_dict(model_chunks) -> dict:
     sharded = {}
-    for index, chunk in enumerate(model_chunks):
-        full = chunk.sharded_state_dict()
+    for chunk in model_chunks:
+        full = chunk.sharded_state_dict(metadata=sharding_metadata())
         for key, value in full.items():
             if "adapter_layer" in key:
                 sharded[key] = value
@@ -80,7 +84,8 @@ class Checkpointer:
             (tmp / "rng").mkdir()
         torch.distributed.barrier()
         sharded = adapter_sharded_state_dict(trainer.model)
-        state = {"model": sharded, "optimizer": trainer.optimizer.sharded_state_dict(sharded)}
+        state = {"model": sharded,
+                 "optimizer": trainer.optimizer.sharded_state_dict(sharded, metadata=sharding_metadata())}
         dist_checkpointing.save(state, str(tmp / "dist"))
         full_adapter = lora.gather_adapter(trainer.model)
         torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
@@ -153,11 +158,13 @@ class Checkpointer:
             raise ValueError(f"{ckpt} was trained on base {saved_base.get('path')} (sha256 "
                              f"{saved_base['sha256'][:12]}), not on {self.base_reference.get('path')}")
         sharded = adapter_sharded_state_dict(trainer.model)
-        template = {"model": sharded, "optimizer": trainer.optimizer.sharded_state_dict(sharded, is_loading=True)}
+        template = {"model": sharded, "optimizer": trainer.optimizer.sharded_state_dict(
+            sharded, is_loading=True, metadata=sharding_metadata())}
         state = dist_checkpointing.load(template, str(ckpt / "dist"))
         for chunk in trainer.model:
             chunk.load_state_dict(state["model"], strict=False)
         trainer.optimizer.load_state_dict(state["optimizer"])
+        trainer.scheduler.num_steps = 0  # megatron's load_state_dict steps forward by the saved count
         trainer.scheduler.load_state_dict(payload["scheduler"])
         rng_file = ckpt / "rng" / f"rank{distributed.rank()}.pt"
         if rng_file.is_file() and payload.get("world_size") == distributed.world_size():

@@ -49,6 +49,9 @@ def init_distributed(
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         torch.distributed.init_process_group(
             backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+    wanted = (tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
+    if parallel_state.model_parallel_is_initialized() and wanted != _current_layout():
+        parallel_state.destroy_model_parallel()  # another layout in the same process (tests, evaluation)
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=tensor_model_parallel_size,
@@ -56,6 +59,14 @@ def init_distributed(
             context_parallel_size=context_parallel_size,
         )
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def _current_layout() -> tuple:
+    from megatron.core import parallel_state
+
+    return (parallel_state.get_tensor_model_parallel_world_size(),
+            parallel_state.get_pipeline_model_parallel_world_size(),
+            parallel_state.get_context_parallel_world_size())
 
 
 def destroy_distributed() -> None:

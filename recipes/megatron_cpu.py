@@ -140,8 +140,8 @@ def _cuda_type_names():
 
 
 def _with_cuda_type_names(fn):
-    if isinstance(fn, staticmethod):
-        return staticmethod(_with_cuda_type_names(fn.__func__))
+    if isinstance(fn, (staticmethod, classmethod)):
+        return type(fn)(_with_cuda_type_names(fn.__func__))
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):

@@ -90,7 +90,7 @@ class SupervisedTrainer:
     def __init__(self, *, cfg, model: list, optimizer, scheduler, train_samples: Sequence[batches.Sample],
                  val_samples: Sequence[batches.Sample], pad_id: int, seq_length: int, hf_config: dict,
                  run_dir: Path, checkpointer: Checkpointer, stage: str = "sft", step_offset: int = 0,
-                 preemption=None, use_packed_seq_params: bool = False):
+                 preemption=None, use_packed_seq_params: bool = False, log_metrics: bool = True):
         from megatron.core import parallel_state
 
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
@@ -117,7 +117,7 @@ class SupervisedTrainer:
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.seq_multiple = parallel_state.get_tensor_model_parallel_world_size() \
             if cfg.parallel.sequence_parallel else 1
-        self.logger = MetricsLogger(self.run_dir, stage, step_offset, cfg.run.tensorboard)
+        self.logger = MetricsLogger(self.run_dir, stage, step_offset, cfg.run.tensorboard) if log_metrics else None
         self.peak_flops = flops.device_peak_flops()
 
     # ---- batches ---------------------------------------------------------------------------------
@@ -264,7 +264,8 @@ class SupervisedTrainer:
                 if preempted:
                     self.preemption.requeue()
                 break
-        self.logger.close()
+        if self.logger is not None:
+            self.logger.close()
         return self.state
 
     @property

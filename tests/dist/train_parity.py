@@ -1,0 +1,102 @@
+"""2-rank worker for the training tests (one torchrun launch: imports cost more than the tiny steps).
+
+argv: <out.json> <prepared dir> <converted base dir> <hf base dir> <run root>
+Writes, from rank 0, per-step train losses of every layout, the TP=2 -> TP=1 resume, packed vs unpacked
+losses for PP=1 and PP=2, and the two-stage check.
+"""
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from recipes import batches, distributed
+from recipes.config import compose
+from recipes.lora_sft import train
+
+OUT, PREP, BASE_MCORE, BASE_HF, ROOT = sys.argv[1:6]
+ROOT = Path(ROOT)
+STEPS = 4
+COMMON = [f"model.hf_path={BASE_HF}", f"model.checkpoint={BASE_MCORE}", f"data.output_dir={PREP}",
+          "run.tensorboard=false", "cluster.nproc_per_node=2", "peft.lora.dim=8", "peft.lora.alpha=16",
+          "trainer.global_batch_size=4", f"trainer.sft.max_steps={STEPS}", "trainer.sft.val_check_interval=2",
+          "trainer.optim.lr=3e-3", "trainer.optim.warmup_steps=1", "trainer.sft.limit_val_batches=2"]
+LAYOUTS = {
+    "dp2": ["parallel=single"],
+    "dp2_distopt": ["parallel=single", "parallel.use_distributed_optimizer=true"],
+    "tp2": ["parallel=tp2"],
+    "tp2_sp": ["parallel=tp2_sp"],
+    "pp2": ["parallel=pp2"],
+}
+
+
+def losses_of(run_dir: Path) -> dict:
+    """{step: loss}, the last record of each step winning (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row["train/loss"]
+    return out
+
+
+def config(name: str, extra=()):
+    return compose("lora_sft", ["experiment=tiny_lora", *COMMON, *LAYOUTS.get(name, []),
+                                f"run.output_dir={ROOT / name}", *extra])
+
+
+def packed_vs_unpacked(layout: str) -> dict:
+    """Loss of one pack vs the same documents as separate padded rows, through the training schedule."""
+    from data_prep.tokenizer import load_tokenizer
+    from recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
+    from recipes.trainer import SupervisedTrainer
+
+    cfg = config(layout)
+    init_from_config(cfg)
+    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    packs = load_samples(cfg, "validation", tokenizer)
+    pack = max(packs, key=lambda s: len(s.seq_start_id))
+    hf = hf_config_of(cfg)
+    model = build_lora_model(cfg, hf)
+    with torch.no_grad():  # nonzero adapters so the LoRA path counts too
+        for name, param in model.named_parameters():
+            if "linear_out" in name:
+                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
+    trainer = SupervisedTrainer(cfg=cfg, model=[model], optimizer=None, scheduler=None, train_samples=packs,
+                                val_samples=packs, pad_id=0, seq_length=seq_length(cfg), hf_config=hf,
+                                run_dir=ROOT / "packing", checkpointer=None, log_metrics=False)
+    bounds = list(pack.seq_start_id) + [len(pack.input_ids)]
+    docs = [batches.Sample(pack.input_ids[a:b], pack.loss_mask[a:b], [0]) for a, b in zip(bounds[:-1], bounds[1:])]
+    packed, _ = trainer._run_schedule([batches.collate([pack], 0, pad_to=trainer.seq_length if trainer.pipeline else 0)],
+                                      forward_only=True)
+    trainer.micro_batch_size = len(docs)
+    unpacked, _ = trainer._run_schedule(
+        [batches.collate(docs, 0, pad_to=trainer.seq_length if trainer.pipeline else 0)], forward_only=True)
+    return {"packed": packed, "unpacked": unpacked, "documents": len(docs)}
+
+
+def main():
+    results = {"layouts": {}}
+    for name in LAYOUTS:
+        train(config(name))
+        if distributed.is_rank_zero():
+            results["layouts"][name] = losses_of(ROOT / name)
+    # a checkpoint saved at TP=2 resumes at TP=1
+    resumed = ROOT / "tp2_resumed_at_tp1"
+    if distributed.is_rank_zero():
+        (resumed / "checkpoints").mkdir(parents=True, exist_ok=True)
+        shutil.copytree(ROOT / "tp2" / "checkpoints" / "step0000002", resumed / "checkpoints" / "step0000002")
+    torch.distributed.barrier()
+    train(compose("lora_sft", ["experiment=tiny_lora", *COMMON, "parallel=single", f"run.output_dir={resumed}"]))
+    if distributed.is_rank_zero():
+        results["tp2_resumed_at_tp1"] = losses_of(resumed)
+    results["packing"] = {layout: packed_vs_unpacked(layout) for layout in ("dp2", "pp2")}
+    if distributed.is_rank_zero():
+        Path(OUT).write_text(json.dumps(results, indent=2))
+    distributed.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
