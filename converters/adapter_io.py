@@ -1,19 +1,27 @@
 """LoRA adapters: the consolidated Megatron adapter dir, HF PEFT, NeMo 1.x ``.nemo`` LoRA, and merging.
 
 Consolidated adapter dir (what training writes; full TP=1 tensors, NeMo mcore keys without ``model.``):
-  adapter_weights.safetensors  decoder.layers.N.self_attention.adapter_layer.lora_kqv_adapter.linear_in.weight ...
-  adapter_config.json          {"dim", "alpha", "dropout", "target_modules", "layer_selection", "base_model",
-                                "base_model_name_or_path", "base_checkpoint_sha256"}
-Effective weight of a target: W + (alpha / dim) * linear_out @ linear_in.
+  adapter_weights.safetensors  decoder.layers.N.<block>.adapter_layer.<adapter>.linear_{in,out}.weight ...
+  adapter_config.json          {"dim", "alpha", "dropout", "target_modules" (Megatron names), "layer_selection"
+                                (1-based layer numbers, as in NeMo; null = all), "variant" ("canonical" | "nemo";
+                                "nemo" when absent), "base_model" (HF config), "base_model_name_or_path", ...}
+Effective weight of a target: W + (alpha / dim) * linear_out @ linear_in, with linear_in (A) [dim, in] and
+linear_out (B) [out, dim].
 
-Megatron target -> (NeMo adapter, NeMo target name, HF modules):
-  linear_qkv -> lora_kqv_adapter,             attention_qkv,   q_proj k_proj v_proj (B split per query group)
-  linear_proj -> lora_dense_attention_adapter, attention_dense, o_proj
-  linear_fc1 -> lora_hto4h_adapter,           mlp_fc1,         gate_proj up_proj (B split in halves)
-  linear_fc2 -> lora_4htoh_adapter,           mlp_fc2,         down_proj
-A fused adapter becomes several HF adapters sharing ``lora_A`` -- an exact split. Importing PEFT adapters whose
-q/k/v (or gate/up) A matrices differ stacks them: A = cat(A_q, A_k, A_v), B block-diagonal, dim x3 and alpha x3,
-which is again exact.
+The targets and their keys by variant (``recipes.lora`` builds the same modules; names are NeMo 1.x's AdapterName):
+  Megatron     NeMo target      HF modules            variant nemo (fused)          variant canonical (per HF module)
+  linear_qkv   attention_qkv    q_proj k_proj v_proj  lora_kqv_adapter              lora_unfused_kqv_adapter.{q,k,v}_adapter
+  linear_proj  attention_dense  o_proj                lora_dense_attention_adapter  (same)
+  linear_fc1   mlp_fc1          gate_proj up_proj     lora_hto4h_adapter            lora_unfused_hto4h_adapter.{gate,up}_adapter
+  linear_fc2   mlp_fc2          down_proj             lora_4htoh_adapter            (same)
+Fused B rows: linear_qkv's interleaved per-query-group layout (split_qkv), linear_fc1's cat(gate, up).
+Canonical shapes: q B [heads*head_dim, dim], k/v B [groups*head_dim, dim], gate/up B [ffn, dim].
+
+Every format goes through one form, a list of (A, B) pairs per (layer, target) in HF-module order:
+  canonical <-> pairs  a renaming (HF PEFT is canonical 1:1);
+  nemo -> pairs        A copied to every HF module, B split -- always exact;
+  pairs -> nemo        exact when the modules of a target share A (B fused); otherwise only by stacking
+                       (A = cat(A_q, A_k, A_v), B block-diagonal, dim and alpha x n) when asked, else an error.
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -36,90 +44,155 @@ ADAPTER_WEIGHTS = "adapter_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+VARIANTS = ("canonical", "nemo")
+DEFAULT_VARIANT = "nemo"  # adapter dirs written before the variant field existed hold fused adapters
 
 
 @dataclass(frozen=True)
 class Target:
     megatron: str  # linear_qkv
     block: str  # self_attention | mlp
-    nemo_adapter: str  # lora_kqv_adapter
     nemo_target: str  # attention_qkv (NeMo's lora_tuning.target_modules vocabulary)
-    hf_modules: tuple[str, ...]  # ("self_attn.q_proj", ...)
-    split: Callable[[torch.Tensor, LlamaDims], tuple[torch.Tensor, ...]]
+    nemo_adapter: str  # fused adapter (variant nemo): lora_kqv_adapter
+    canonical_adapter: str  # variant canonical: lora_unfused_kqv_adapter
+    parts: tuple[tuple[Optional[str], str], ...]  # (canonical sub-adapter or None, HF module) per HF module
+    split: Callable[[torch.Tensor, LlamaDims], tuple[torch.Tensor, ...]]  # fused B -> B per HF module
     fuse: Callable[[list[torch.Tensor], LlamaDims], torch.Tensor]
+
+    @property
+    def hf_modules(self) -> tuple[str, ...]:
+        return tuple(module for _, module in self.parts)
+
+    def prefixes(self, variant: str) -> list[str]:
+        """Key infix after ``adapter_layer.`` of each (A, B) pair this variant stores for the target."""
+        if variant == "nemo":
+            return [self.nemo_adapter]
+        return [f"{self.canonical_adapter}.{sub}" if sub else self.canonical_adapter for sub, _ in self.parts]
+
+
+def _single(t, d):
+    return (t,)
+
+
+def _only(parts, d):
+    return parts[0]
 
 
 TARGETS: dict[str, Target] = {t.megatron: t for t in (
-    Target("linear_qkv", "self_attention", "lora_kqv_adapter", "attention_qkv",
-           ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), split_qkv, lambda p, d: fuse_qkv(*p, d)),
-    Target("linear_proj", "self_attention", "lora_dense_attention_adapter", "attention_dense",
-           ("self_attn.o_proj",), lambda t, d: (t,), lambda p, d: p[0]),
-    Target("linear_fc1", "mlp", "lora_hto4h_adapter", "mlp_fc1",
-           ("mlp.gate_proj", "mlp.up_proj"), split_gate_up, lambda p, d: fuse_gate_up(*p)),
-    Target("linear_fc2", "mlp", "lora_4htoh_adapter", "mlp_fc2",
-           ("mlp.down_proj",), lambda t, d: (t,), lambda p, d: p[0]),
+    Target("linear_qkv", "self_attention", "attention_qkv", "lora_kqv_adapter", "lora_unfused_kqv_adapter",
+           (("q_adapter", "self_attn.q_proj"), ("k_adapter", "self_attn.k_proj"), ("v_adapter", "self_attn.v_proj")),
+           split_qkv, lambda p, d: fuse_qkv(*p, d)),
+    Target("linear_proj", "self_attention", "attention_dense", "lora_dense_attention_adapter",
+           "lora_dense_attention_adapter", ((None, "self_attn.o_proj"),), _single, _only),
+    Target("linear_fc1", "mlp", "mlp_fc1", "lora_hto4h_adapter", "lora_unfused_hto4h_adapter",
+           (("gate_adapter", "mlp.gate_proj"), ("up_adapter", "mlp.up_proj")), split_gate_up,
+           lambda p, d: fuse_gate_up(*p)),
+    Target("linear_fc2", "mlp", "mlp_fc2", "lora_4htoh_adapter", "lora_4htoh_adapter",
+           ((None, "mlp.down_proj"),), _single, _only),
 )}
-_NEMO_TARGET_ALIASES = {"attention": ["linear_qkv", "linear_proj"], "mlp": ["linear_fc1", "linear_fc2"],
-                        "all": list(TARGETS)}
-_ADAPTER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp)\.adapter_layer\.(\w+)\.(linear_in|linear_out)\.weight$")
+_KEY = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp)\.adapter_layer\.([\w.]+)\.(linear_in|linear_out)\.weight$")
+
+Pairs = dict[tuple[int, str], list[Optional[tuple[torch.Tensor, torch.Tensor]]]]  # (layer, target) -> [(A, B)]
 
 
 class AdapterError(ValueError):
     """An adapter cannot be read, converted or applied; the message says why."""
 
 
-def adapter_key(layer: int, target: str, which: str) -> str:
-    """Megatron key of a LoRA matrix; ``which`` is linear_in (A, [dim, in]) or linear_out (B, [out, dim])."""
+def adapter_key(layer: int, target: str, which: str, *, variant: str = DEFAULT_VARIANT, part: int = 0) -> str:
+    """Megatron key of a LoRA matrix; ``which`` is linear_in (A, [dim, in]) or linear_out (B, [out, dim]);
+    ``part`` indexes the target's HF modules for the canonical variant (q, k, v / gate, up)."""
     t = TARGETS[target]
-    return f"decoder.layers.{layer}.{t.block}.adapter_layer.{t.nemo_adapter}.{which}.weight"
+    return f"decoder.layers.{layer}.{t.block}.adapter_layer.{t.prefixes(variant)[part]}.{which}.weight"
 
 
-def parse_adapter_key(key: str) -> tuple[int, str, str]:
-    """(layer, megatron target, linear_in|linear_out) of a Megatron adapter key."""
-    match = _ADAPTER_KEY.match(key)
-    by_adapter = {t.nemo_adapter: t.megatron for t in TARGETS.values()}
-    if match is None or match.group(3) not in by_adapter:
-        raise AdapterError(f"not a LoRA adapter key: {key!r}")
-    return int(match.group(1)), by_adapter[match.group(3)], match.group(4)
+def parse_adapter_key(key: str) -> tuple[int, str, str, str, int]:
+    """(layer, megatron target, linear_in|linear_out, variant, part) of an adapter key ("nemo" for keys both
+    variants share)."""
+    match = _KEY.match(key)
+    if match is not None:
+        for variant in ("nemo", "canonical"):
+            for target in TARGETS.values():
+                if target.block == match.group(2) and match.group(3) in target.prefixes(variant):
+                    part = target.prefixes(variant).index(match.group(3))
+                    return int(match.group(1)), target.megatron, match.group(4), variant, part
+    raise AdapterError(f"not a LoRA adapter key: {key!r}")
 
 
-def adapter_shapes(dims: LlamaDims, dim: int) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """target -> (linear_in shape, linear_out shape)."""
-    attn = dims.heads * dims.head_dim
-    return {
-        "linear_qkv": ((dim, dims.hidden), (dims.qkv_rows, dim)),
-        "linear_proj": ((dim, attn), (dims.hidden, dim)),
-        "linear_fc1": ((dim, dims.hidden), (2 * dims.ffn, dim)),
-        "linear_fc2": ((dim, dims.ffn), (dims.hidden, dim)),
-    }
+def _in_features(dims: LlamaDims) -> dict[str, int]:
+    return {"linear_qkv": dims.hidden, "linear_proj": dims.heads * dims.head_dim, "linear_fc1": dims.hidden,
+            "linear_fc2": dims.ffn}
+
+
+def _out_rows(dims: LlamaDims) -> dict[str, list[int]]:
+    """Output rows of each target's HF modules."""
+    fused = {"linear_qkv": dims.qkv_rows, "linear_proj": dims.hidden, "linear_fc1": 2 * dims.ffn,
+             "linear_fc2": dims.hidden}
+    return {name: [part.shape[0] for part in t.split(torch.empty(fused[name], 0), dims)]
+            for name, t in TARGETS.items()}
+
+
+def adapter_shapes(dims: LlamaDims, dim: int, variant: str = DEFAULT_VARIANT
+                   ) -> dict[str, list[tuple[tuple[int, int], tuple[int, int]]]]:
+    """target -> [(linear_in shape, linear_out shape)] per stored pair (one for nemo, one per HF module for
+    canonical)."""
+    rows, features = _out_rows(dims), _in_features(dims)
+    return {name: [((dim, features[name]), (r, dim)) for r in rows[name]] if len(t.prefixes(variant)) > 1
+            else [((dim, features[name]), (sum(rows[name]), dim))] for name, t in TARGETS.items()}
+
+
+def variant_of(config: Mapping[str, Any]) -> str:
+    return config.get("variant") or DEFAULT_VARIANT
 
 
 def adapter_layers(config: Mapping[str, Any]) -> list[int]:
+    """0-based layer indices of the adapted layers (``layer_selection`` holds 1-based numbers)."""
     dims = LlamaDims.from_hf(config["base_model"])
     selection = config.get("layer_selection")
-    return sorted(selection) if selection else list(range(dims.num_layers))
+    return [n - 1 for n in sorted(selection)] if selection else list(range(dims.num_layers))
+
+
+def expected_keys(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
+    """Every key the adapter of ``config`` holds, with its shape."""
+    dims, variant = LlamaDims.from_hf(config["base_model"]), variant_of(config)
+    shapes = adapter_shapes(dims, int(config["dim"]), variant)
+    return {adapter_key(layer, target, which, variant=variant, part=part): pair[i]
+            for layer in adapter_layers(config) for target in config["target_modules"]
+            for part, pair in enumerate(shapes[target]) for i, which in enumerate(("linear_in", "linear_out"))}
 
 
 def validate_adapter(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> None:
-    """Every problem at once: missing fields, unknown targets, missing / unexpected keys, wrong shapes."""
+    """Every problem at once: missing fields, unknown targets / variant, bad layer_selection, missing /
+    unexpected keys, wrong shapes."""
     problems = [f"adapter_config.json: missing field {k!r}" for k in ("dim", "alpha", "target_modules", "base_model")
                 if k not in config]
+    if "target_modules" in config:
+        unknown = [t for t in config["target_modules"] if t not in TARGETS]
+        if unknown:
+            problems.append(f"target_modules: unknown {unknown}; use Megatron names {list(TARGETS)}")
+    if variant_of(config) not in VARIANTS:
+        problems.append(f"variant: {config.get('variant')!r}; use one of {list(VARIANTS)}")
+    if "base_model" in config and config.get("layer_selection"):
+        num_layers = LlamaDims.from_hf(config["base_model"]).num_layers
+        bad = [n for n in config["layer_selection"] if not 1 <= int(n) <= num_layers]
+        if bad:
+            problems.append(f"layer_selection: {bad} out of range; layer numbers are 1-based, 1..{num_layers}")
     if problems:
-        raise AdapterError("\n".join(problems))
-    unknown = [t for t in config["target_modules"] if t not in TARGETS]
-    if unknown:
-        raise AdapterError(f"unknown target_modules {unknown}; use {list(TARGETS)}")
-    dims = LlamaDims.from_hf(config["base_model"])
-    shapes = adapter_shapes(dims, int(config["dim"]))
-    expected = {adapter_key(layer, target, which): shapes[target][i]
-                for layer in adapter_layers(config) for target in config["target_modules"]
-                for i, which in enumerate(("linear_in", "linear_out"))}
+        raise AdapterError("invalid adapter config:\n  " + "\n  ".join(problems))
+    expected = expected_keys(config)
     problems += [f"missing {k}" for k in expected if k not in state]
     problems += [f"unexpected {k}" for k in state if k not in expected]
     problems += [f"{k}: shape {list(state[k].shape)}, expected {list(s)}" for k, s in expected.items()
                  if k in state and tuple(state[k].shape) != tuple(s)]
     if problems:
-        raise AdapterError("adapter does not match its config:\n  " + "\n  ".join(problems))
+        raise AdapterError(f"adapter (variant {variant_of(config)}) does not match its config:\n  "
+                           + "\n  ".join(problems))
+
+
+def random_adapter(config: Mapping[str, Any], *, seed: int = 0, std: float = 0.1) -> dict[str, torch.Tensor]:
+    """Normal(0, std) tensors for every key of ``config`` (B nonzero too, unlike a fresh adapter): tests, benches."""
+    generator = torch.Generator().manual_seed(seed)
+    return {key: std * torch.randn(shape, generator=generator) for key, shape in expected_keys(config).items()}
 
 
 def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
@@ -129,6 +202,7 @@ def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], co
     from converters.checkpoint import atomic_output
 
     config = {"dropout": 0.0, "layer_selection": None, "base_model_name_or_path": None, **dict(config)}
+    config["variant"] = variant_of(config)
     validate_adapter(state_dict, config)
     with atomic_output(out_dir, overwrite=True) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, str(tmp / ADAPTER_WEIGHTS),
@@ -137,24 +211,122 @@ def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], co
     return Path(out_dir)
 
 
-def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Path | None = None
-                 ) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a consolidated adapter dir, or an HF PEFT LoRA dir (converted to the Megatron keys).
+def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Path | None = None,
+                 variant: str | None = None, stack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read a consolidated adapter dir, or an HF PEFT LoRA dir (imported 1:1 as the canonical variant).
 
-    For a PEFT dir the base model's HF config comes from ``base_config`` (dict or checkpoint dir) or else
-    from ``base_model_name_or_path`` when that is a local directory.
+    ``variant`` converts to that variant (None: keep the dir's own; "canonical" for PEFT); see
+    :func:`convert_adapter` for when canonical -> nemo is exact and what ``stack`` does. For a PEFT dir the
+    base model's HF config comes from ``base_config`` (dict or checkpoint dir) or else from
+    ``base_model_name_or_path`` when that is a local directory.
     """
     from safetensors.torch import load_file
 
     path = Path(path)
+    if variant is not None and variant not in VARIANTS:
+        raise AdapterError(f"variant={variant!r}: use one of {list(VARIANTS)}")
     if (path / ADAPTER_WEIGHTS).is_file():
         state = load_file(str(path / ADAPTER_WEIGHTS))
         config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config["variant"] = variant_of(config)
         validate_adapter(state, config)
-        return state, config
-    if (path / ADAPTER_CONFIG).is_file():
-        return _load_peft(path, base_config)
-    raise AdapterError(f"{path}: neither a nemotune adapter dir ({ADAPTER_WEIGHTS}) nor an HF PEFT dir")
+    elif (path / ADAPTER_CONFIG).is_file():
+        state, config = _load_peft(path, base_config)
+    else:
+        raise AdapterError(f"{path}: neither a nemotune adapter dir ({ADAPTER_WEIGHTS}) nor an HF PEFT dir")
+    if variant is not None and variant != config["variant"]:
+        state, config = convert_adapter(state, config, variant, stack=stack)
+    return state, config
+
+
+# ---- one form for every conversion: (A, B) per HF module -------------------------------------------------------
+
+def to_pairs(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Pairs:
+    """(layer, target) -> [(A, B)] in HF-module order; a fused adapter's A is shared, its B split (views)."""
+    dims, variant = LlamaDims.from_hf(config["base_model"]), variant_of(config)
+    pairs: Pairs = {}
+    for layer in adapter_layers(config):
+        for name in config["target_modules"]:
+            t = TARGETS[name]
+            stored = [(state[adapter_key(layer, name, "linear_in", variant=variant, part=i)],
+                       state[adapter_key(layer, name, "linear_out", variant=variant, part=i)])
+                      for i in range(len(t.prefixes(variant)))]
+            if len(stored) == len(t.parts):
+                pairs[(layer, name)] = stored
+            else:
+                lora_a, lora_b = stored[0]
+                pairs[(layer, name)] = [(lora_a, b) for b in t.split(lora_b, dims)]
+    return pairs
+
+
+def from_pairs(pairs: Pairs, config: Mapping[str, Any], variant: str, *, stack: bool = False
+               ) -> tuple[dict[str, torch.Tensor], dict]:
+    """Inverse of :func:`to_pairs` for ``variant``; ``config`` gives dim, alpha, layers and targets.
+
+    Missing pairs (a PEFT adapter on q and v only) get B = 0 -- exact -- and, for canonical, a sibling's A so
+    that training from the adapter can still move them.
+    """
+    dims, rank = LlamaDims.from_hf(config["base_model"]), int(config["dim"])
+    rows, features = _out_rows(dims), _in_features(dims)
+
+    def filled(layer, name):
+        found = pairs.get((layer, name)) or [None] * len(TARGETS[name].parts)
+        a_default = next((p[0] for p in found if p is not None), torch.zeros(rank, features[name]))
+        return [p if p is not None else (a_default, torch.zeros(r, rank, dtype=a_default.dtype))
+                for p, r in zip(found, rows[name])]
+
+    layers = adapter_layers(config)
+    state: dict[str, torch.Tensor] = {}
+    if variant == "canonical":
+        for layer in layers:
+            for name in config["target_modules"]:
+                for i, (lora_a, lora_b) in enumerate(filled(layer, name)):
+                    state[adapter_key(layer, name, "linear_in", variant=variant, part=i)] = lora_a
+                    state[adapter_key(layer, name, "linear_out", variant=variant, part=i)] = lora_b
+        return state, {**config, "variant": variant}
+    fused = {(layer, name): filled(layer, name) for layer in layers for name in config["target_modules"]}
+    distinct_a = {}  # the different A matrices of each fused target: one slot of rank rows each
+    for key, found in fused.items():
+        distinct_a[key] = []
+        for lora_a, _ in found:
+            if not any(torch.equal(lora_a, seen) for seen in distinct_a[key]):
+                distinct_a[key].append(lora_a)
+    factor = max((len(a_list) for a_list in distinct_a.values()), default=1)
+    if factor > 1 and not stack:
+        unshared = sorted((layer + 1, name) for (layer, name), a_list in distinct_a.items() if len(a_list) > 1)
+        raise AdapterError(
+            f"cannot convert to the fused nemo variant exactly: the HF modules of {len(unshared)} fused targets "
+            f"(layer number, target) {unshared[:4]}{' ...' if len(unshared) > 4 else ''} have different A "
+            "matrices, and a fused adapter shares one A. Use variant canonical (peft.lora.variant=canonical), or "
+            "stack=True for a fused adapter of rank dim x (number of different A's): exact, but another dim")
+    for (layer, name), found in fused.items():
+        a_list = distinct_a[(layer, name)]
+        slots = [slice(i * rank, (i + 1) * rank) for i in range(len(a_list))]
+        lora_a = torch.zeros(rank * factor, features[name], dtype=a_list[0].dtype)
+        for rows_of_a, a in zip(slots, a_list):
+            lora_a[rows_of_a] = a
+        b_parts = []
+        for a, b in found:
+            slot = slots[next(i for i, seen in enumerate(a_list) if torch.equal(a, seen))]
+            b_full = torch.zeros(b.shape[0], rank * factor, dtype=b.dtype)
+            b_full[:, slot] = b
+            b_parts.append(b_full)
+        state[adapter_key(layer, name, "linear_in", variant=variant)] = lora_a
+        state[adapter_key(layer, name, "linear_out", variant=variant)] = TARGETS[name].fuse(b_parts, dims)
+    return state, {**config, "variant": variant, "dim": rank * factor, "alpha": config["alpha"] * factor}
+
+
+def convert_adapter(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], variant: str, *,
+                    stack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
+    """The same adapter in the other variant. nemo -> canonical is always exact (A copied, B split);
+    canonical -> nemo is exact when q, k, v (gate, up) share A, and otherwise raises AdapterError unless
+    ``stack``: the different A's stacked, B block-diagonal -- exact, with dim and alpha multiplied by the largest
+    number of different A's of a target (so alpha / dim is unchanged)."""
+    if variant not in VARIANTS:
+        raise AdapterError(f"variant={variant!r}: use one of {list(VARIANTS)}")
+    state, config = from_pairs(to_pairs(state, config), config, variant, stack=stack)
+    validate_adapter(state, config)
+    return state, config
 
 
 # ---- HF PEFT ---------------------------------------------------------------------------------------------------
@@ -170,18 +342,14 @@ def _hf_module_target(module: str) -> tuple[str, int]:
 
 def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
             base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
-    """Megatron adapter -> (PEFT state dict, adapter_config.json dict)."""
-    dims = LlamaDims.from_hf(config["base_model"])
+    """Megatron adapter (either variant) -> (PEFT state dict, adapter_config.json dict)."""
     peft_state: dict[str, torch.Tensor] = {}
-    for layer in adapter_layers(config):
-        for target_name in config["target_modules"]:
-            target = TARGETS[target_name]
-            lora_a = state[adapter_key(layer, target_name, "linear_in")]
-            lora_bs = target.split(state[adapter_key(layer, target_name, "linear_out")], dims)
-            for module, lora_b in zip(target.hf_modules, lora_bs):
-                prefix = f"{PEFT_PREFIX}model.layers.{layer}.{module}"
-                peft_state[f"{prefix}.lora_A.weight"] = lora_a.clone().contiguous()
-                peft_state[f"{prefix}.lora_B.weight"] = lora_b.clone().contiguous()
+    for (layer, name), found in to_pairs(state, config).items():
+        for module, (lora_a, lora_b) in zip(TARGETS[name].hf_modules, found):
+            prefix = f"{PEFT_PREFIX}model.layers.{layer}.{module}"
+            peft_state[f"{prefix}.lora_A.weight"] = lora_a.clone().contiguous()
+            peft_state[f"{prefix}.lora_B.weight"] = lora_b.clone().contiguous()
+    layers = adapter_layers(config)
     peft_config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -190,7 +358,7 @@ def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
         "lora_dropout": float(config.get("dropout") or 0.0),
         "bias": "none",
         "target_modules": sorted(m.split(".")[-1] for t in config["target_modules"] for m in TARGETS[t].hf_modules),
-        "layers_to_transform": list(config["layer_selection"]) if config.get("layer_selection") else None,
+        "layers_to_transform": layers if config.get("layer_selection") else None,  # PEFT counts from 0
         "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
         "fan_in_fan_out": False,
         "inference_mode": True,
@@ -218,6 +386,7 @@ def _base_config_for(peft_config: Mapping[str, Any], base_config) -> dict:
 
 
 def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
+    """An HF PEFT LoRA dir as the canonical variant: one (A, B) per HF module, tensors unchanged."""
     from safetensors.torch import load_file
 
     peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
@@ -243,56 +412,44 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
         alpha = alpha * math.sqrt(rank)  # rsLoRA scales by alpha/sqrt(r)
     pattern = re.compile(r"^base_model\.model\.model\.layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])(?:\.default)?\.weight$")
     found: dict[tuple[int, str], dict[int, dict[str, torch.Tensor]]] = {}
+    problems = []
     for key, tensor in peft_state.items():
         match = pattern.match(key)
         if match is None:
-            raise AdapterError(f"{path}: unexpected PEFT key {key!r}")
-        target, index = _hf_module_target(match.group(2))
+            problems.append(f"unexpected PEFT key {key!r}")
+            continue
+        try:
+            target, index = _hf_module_target(match.group(2))
+        except AdapterError as err:
+            problems.append(str(err))
+            continue
         found.setdefault((int(match.group(1)), target), {}).setdefault(index, {})[match.group(3)] = tensor
-    targets = sorted({t for _, t in found}, key=list(TARGETS).index)
+    problems += [f"layer {layer} {TARGETS[t].hf_modules[i]}: lora_{m} missing"
+                 for (layer, t), parts in found.items() for i, ab in parts.items() for m in "AB" if m not in ab]
+    if problems:
+        raise AdapterError(f"{path}: not a LoRA adapter of a Llama model:\n  " + "\n  ".join(problems))
     layers = sorted({layer for layer, _ in found})
-    # A fused target whose parts do not share A is stacked: dim grows by the number of parts, exactly.
-    stack = 1
-    for (layer, target), parts in found.items():
-        a_mats = [p["A"] for p in parts.values()]
-        if any(not torch.equal(a_mats[0], a) for a in a_mats[1:]):
-            stack = max(stack, len(parts))
-    shapes = adapter_shapes(dims, rank * stack)
-    state: dict[str, torch.Tensor] = {}
-    for layer in layers:
-        for target in targets:
-            parts = found.get((layer, target), {})
-            t = TARGETS[target]
-            out_rows = [part.shape[0] for part in t.split(torch.empty(shapes[target][1][0], 0), dims)]
-            lora_a = torch.zeros(shapes[target][0], dtype=torch.float32)
-            slots = {index: slot if stack > 1 else 0 for slot, index in enumerate(sorted(parts))}
-            b_parts = []
-            for index, rows in enumerate(out_rows):
-                b = torch.zeros(rows, rank * stack)
-                if index in parts:
-                    cols = slice(slots[index] * rank, (slots[index] + 1) * rank)
-                    lora_a[cols] = parts[index]["A"].float()
-                    b[:, cols] = parts[index]["B"].float()
-                b_parts.append(b)
-            state[adapter_key(layer, target, "linear_in")] = lora_a
-            state[adapter_key(layer, target, "linear_out")] = t.fuse(b_parts, dims)
-    all_layers = list(range(dims.num_layers))
+    targets = sorted({t for _, t in found}, key=list(TARGETS).index)
+    pairs: Pairs = {key: [(parts[i]["A"], parts[i]["B"]) if i in parts else None
+                          for i in range(len(TARGETS[key[1]].parts))] for key, parts in found.items()}
     config = {
-        "dim": rank * stack,
-        "alpha": alpha * stack,
+        "dim": rank,
+        "alpha": alpha,
         "dropout": float(peft_config.get("lora_dropout") or 0.0),
         "target_modules": targets,
-        "layer_selection": None if layers == all_layers else layers,
+        "layer_selection": None if layers == list(range(dims.num_layers)) else [layer + 1 for layer in layers],
+        "variant": "canonical",
         "base_model": hf,
         "base_model_name_or_path": peft_config.get("base_model_name_or_path"),
     }
+    state, config = from_pairs(pairs, config, "canonical")
     validate_adapter(state, config)
     return state, config
 
 
 def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
                    overwrite: bool = False) -> Path:
-    """Consolidated adapter -> HF PEFT dir (adapter_config.json + adapter_model.safetensors)."""
+    """Consolidated adapter (either variant) -> HF PEFT dir (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import save_file
 
     from converters.checkpoint import atomic_output
@@ -308,12 +465,13 @@ def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_n
 # ---- NeMo .nemo LoRA -------------------------------------------------------------------------------------------
 
 def nemo_peft_section(config: Mapping[str, Any]) -> dict:
-    """The ``peft`` section of a NeMo 1.x model_config.yaml for this adapter."""
+    """The ``peft`` section of a NeMo 1.x model_config.yaml for this adapter (``lora_tuning.variant`` selects
+    NeMo's LoraKQVAdapter / LoraHto4HAdapter or LoraUnfusedKQVAdapter / LoraUnfusedHto4HAdapter)."""
     return {
         "peft_scheme": "lora",
         "restore_from_path": None,
         "lora_tuning": {
-            "variant": "nemo",
+            "variant": variant_of(config),
             "target_modules": [TARGETS[t].nemo_target for t in config["target_modules"]],
             "adapter_dim": int(config["dim"]),
             "alpha": config["alpha"],
@@ -328,13 +486,24 @@ def nemo_peft_section(config: Mapping[str, Any]) -> dict:
 
 
 def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Consolidated adapter -> NeMo 1.x LoRA ``.nemo`` (model_config.yaml with ``peft`` + model_weights.ckpt)."""
+    """Consolidated adapter -> NeMo 1.x LoRA ``.nemo`` (model_config.yaml with ``peft`` + model_weights.ckpt),
+    in the adapter's own variant."""
     import yaml
 
     from converters.checkpoint import atomic_output, nemo_model_config, write_tar
 
     state, config = load_adapter(adapter_dir)
-    if any(t != "linear_qkv" for t in config["target_modules"]):
+    dims = LlamaDims.from_hf(config["base_model"])
+    if variant_of(config) == "canonical":
+        if "linear_qkv" in config["target_modules"] and dims.heads * dims.head_dim != dims.hidden:
+            # NeMo's LoraUnfusedKQVAdapter sizes q_adapter hidden -> hidden
+            raise AdapterError(f"NeMo's canonical LoRA cannot hold this model's q adapter: its q_adapter maps "
+                               f"hidden_size {dims.hidden} -> hidden_size, but heads*head_dim is "
+                               f"{dims.heads * dims.head_dim}; export HF PEFT instead")
+        log.warning("TensorRT-LLM and NIM load only the fused qkv adapter (lora_kqv_adapter) from a .nemo LoRA; "
+                    "this canonical adapter (lora_unfused_*) loads in NeMo only -- export HF PEFT for vLLM / NIM, "
+                    "or train with peft.lora.variant=nemo for TensorRT-LLM")
+    elif any(t != "linear_qkv" for t in config["target_modules"]):
         log.warning("TensorRT-LLM and NIM load only the qkv adapter (lora_kqv_adapter) from a .nemo LoRA; the "
                     "other targets %s are written for NeMo but will be ignored there -- export HF PEFT for vLLM / "
                     "NIM instead", [t for t in config["target_modules"] if t != "linear_qkv"])
@@ -368,19 +537,13 @@ def read_nemo_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 # ---- merge -----------------------------------------------------------------------------------------------------
 
-def lora_deltas(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """HF weight name -> (B, A) with the alpha/dim scale folded into B."""
-    dims = LlamaDims.from_hf(config["base_model"])
+def lora_deltas(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """HF weight name -> (B, A) with the alpha/dim scale folded into B (either variant)."""
     scale = float(config["alpha"]) / float(config["dim"])
-    deltas = {}
-    for layer in adapter_layers(config):
-        for target_name in config["target_modules"]:
-            target = TARGETS[target_name]
-            lora_a = state[adapter_key(layer, target_name, "linear_in")].float()
-            lora_bs = target.split(state[adapter_key(layer, target_name, "linear_out")].float(), dims)
-            for module, lora_b in zip(target.hf_modules, lora_bs):
-                deltas[f"model.layers.{layer}.{module}.weight"] = (lora_b * scale, lora_a)
-    return deltas
+    return {f"model.layers.{layer}.{module}.weight": (lora_b.float() * scale, lora_a.float())
+            for (layer, name), found in to_pairs(state, config).items()
+            for module, (lora_a, lora_b) in zip(TARGETS[name].hf_modules, found)}
 
 
 def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,

@@ -575,17 +575,49 @@ def _bytes(size: int | str) -> int:
 # ---- verify ----------------------------------------------------------------------------------------------------
 
 def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, batch_size: int = 2,
-           seq_len: int = 32, seed: int = 0) -> float:
-    """Max |logit difference| between transformers (HF dir) and our Megatron model (ckpt), fp32 on CPU."""
+           seq_len: int = 32, seed: int = 0, adapter: str | Path | None = None,
+           peft_dir: str | Path | None = None) -> float:
+    """Max |logit difference| between transformers (HF dir) and our Megatron model (ckpt), fp32 on CPU.
+
+    With `adapter` (a nemotune adapter dir), the Megatron side gets LoRA with that adapter and the HF side
+    the exported HF PEFT adapter (`peft_dir`, or one exported from `adapter` to a temporary dir) through
+    `peft.PeftModel`: the serving format is checked against what training computes.
+    """
     from transformers import AutoModelForCausalLM
 
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     hf, model = megatron_model_from_checkpoint(ckpt, dtype=torch.float32)
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, hf["vocab_size"], (batch_size, seq_len), generator=generator)
-    position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
-    with torch.no_grad():
-        expected = hf_model(input_ids=input_ids).logits.float()
-        actual = model(input_ids, position_ids, attention_mask=None).float()
+    with tempfile.TemporaryDirectory(prefix="nemotune-verify-") as tmp:
+        if adapter is not None:
+            hf_model = _with_peft_adapter(hf_model, adapter, peft_dir, Path(tmp))
+            _apply_adapter(model, adapter)
+        model.eval()
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(0, hf["vocab_size"], (batch_size, seq_len), generator=generator)
+        position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+        with torch.no_grad():
+            expected = hf_model(input_ids=input_ids).logits.float()
+            actual = model(input_ids, position_ids, attention_mask=None).float()
     return (expected - actual).abs().max().item()
+
+
+def _with_peft_adapter(hf_model, adapter, peft_dir, tmp: Path):
+    from peft import PeftModel
+
+    from converters.adapter_io import export_hf_peft
+
+    if peft_dir is None:
+        peft_dir = export_hf_peft(adapter, tmp / "peft")
+    return PeftModel.from_pretrained(hf_model, str(peft_dir)).eval()
+
+
+def _apply_adapter(model, adapter) -> None:
+    from converters.adapter_io import load_adapter
+    from recipes.lora import LoraConfig, apply_lora, load_adapter_state
+
+    state, config = load_adapter(adapter)
+    apply_lora(model, LoraConfig(dim=config["dim"], alpha=config["alpha"],
+                                 target_modules=list(config["target_modules"]),
+                                 layer_selection=config.get("layer_selection"),
+                                 variant=config.get("variant", "nemo")))
+    load_adapter_state(model, state)

@@ -4,7 +4,7 @@
     python -m converters.convert hf-to-nemo     --hf DIR --out FILE.nemo
     python -m converters.convert megatron-to-hf --ckpt DIR --out DIR
     python -m converters.convert nemo-to-hf     --nemo FILE.nemo --out DIR
-    python -m converters.convert verify         --hf DIR --ckpt DIR_OR_NEMO [--tolerance 1e-5]
+    python -m converters.convert verify         --hf DIR --ckpt DIR_OR_NEMO [--tolerance 1e-5] [--adapter DIR]
 """
 
 from __future__ import annotations
@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--adapter", default=None,
+                   help="also check a LoRA adapter: Megatron + this adapter vs transformers + its HF PEFT export")
+    p.add_argument("--peft", default=None, help="the HF PEFT dir to check (default: exported from --adapter)")
     return parser
 
 
@@ -64,7 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "verify":
             diff = checkpoint.verify(args.hf, args.ckpt, tolerance=args.tolerance, batch_size=args.batch_size,
-                                     seq_len=args.seq_len, seed=args.seed)
+                                     seq_len=args.seq_len, seed=args.seed, adapter=args.adapter,
+                                     peft_dir=args.peft)
             ok = diff <= args.tolerance
             print(f"max |logit diff| = {diff:.3e} ({'OK' if ok else 'FAIL'}, tolerance {args.tolerance:.1e})")
             return 0 if ok else 1

@@ -74,12 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     _run("verify the export (Megatron + adapter vs transformers + PEFT)",
          _nemotune("converters.convert", "verify", "--hf", base, "--ckpt", mcore, "--adapter", adapter,
                    "--peft", exports / "peft"), timings, env)
+    megatron_overrides = ",".join(f"'{o}'" for o in train_overrides[:3])
     _run("evaluate base vs LoRA", _nemotune(
         "recipes.evaluate", f"data_dir={prep}", f"base_model={base}", f"adapter={exports / 'peft'}",
         f"out_dir={report}", "eval.split=eval", f"eval.limit={args.eval_limit}",
         f"eval.max_new_tokens={args.max_new_tokens}", "eval.megatron_loss=true",
-        "eval.train_overrides=[" + ",".join(train_overrides[:3] + [f"data.output_dir={prep}", "data.resplit=true"])
-        + "]"), timings, env)
+        f"eval.megatron_adapter={adapter}", f"eval.train_overrides=[{megatron_overrides}]"), timings, env)
     _run("plots", _nemotune("recipes.plots", runs), timings, env)
 
     summary = json.loads((report / "summary.json").read_text())

@@ -97,7 +97,7 @@ def build_lora_model(cfg: DictConfig, hf: dict):
     if cfg.peft.restore_from:
         from converters.adapter_io import load_adapter
 
-        state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant)
+        state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant, base_config=hf)
         load_adapter_state(model, state)
     print_trainable(model)
     return model

@@ -25,16 +25,10 @@ def base(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("base") / "tiny", seed=0, max_shard_size="200KB")
 
 
-def random_adapter(hf, targets=tuple(adapter_io.TARGETS), seed=0, layer_selection=None):
-    dims = LlamaDims.from_hf(hf)
-    gen = torch.Generator().manual_seed(seed)
-    shapes = adapter_io.adapter_shapes(dims, DIM)
-    layers = layer_selection or range(dims.num_layers)
-    state = {adapter_io.adapter_key(layer, t, which): 0.1 * torch.randn(shapes[t][i], generator=gen)
-             for layer in layers for t in targets for i, which in enumerate(("linear_in", "linear_out"))}
-    config = {"dim": DIM, "alpha": ALPHA, "dropout": 0.0, "target_modules": list(targets),
+def random_adapter(hf, targets=tuple(adapter_io.TARGETS), seed=0, layer_selection=None, variant="nemo"):
+    config = {"dim": DIM, "alpha": ALPHA, "dropout": 0.0, "target_modules": list(targets), "variant": variant,
               "layer_selection": layer_selection, "base_model": hf, "base_model_name_or_path": None}
-    return state, config
+    return adapter_io.random_adapter(config, seed=seed), config
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +88,8 @@ def test_peft_export_matches_merge_and_changes_the_model(base, adapter_dir, tmp_
 def test_peft_dir_loads_back_to_the_same_adapter(base, adapter_dir, tmp_path):
     peft_dir = adapter_io.export_hf_peft(adapter_dir, tmp_path / "peft", base_model_name_or_path=str(base))
     original, original_config = adapter_io.load_adapter(adapter_dir)
-    state, config = adapter_io.load_adapter(peft_dir)  # base config found through base_model_name_or_path
+    # base config found through base_model_name_or_path; PEFT imports as canonical, q/k/v share A: fuses exactly
+    state, config = adapter_io.load_adapter(peft_dir, variant="nemo")
     assert config["dim"] == DIM and config["alpha"] == ALPHA and config["target_modules"] == list(adapter_io.TARGETS)
     assert state.keys() == original.keys()
     for key in state:
@@ -102,7 +97,7 @@ def test_peft_dir_loads_back_to_the_same_adapter(base, adapter_dir, tmp_path):
 
 
 def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(base, tmp_path):
-    """A PEFT adapter trained by others (q_proj/v_proj only, independent A) becomes a fused qkv adapter."""
+    """A PEFT adapter trained by others (q_proj/v_proj only, independent A) becomes a fused qkv adapter (stacked)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
@@ -118,8 +113,8 @@ def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(base, tmp_path)
     peft_model.save_pretrained(str(peft_dir))
     input_ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(1))
     expected = logits(peft_model, input_ids)
-    state, config = adapter_io.load_adapter(peft_dir, base_config=base)
-    assert config["target_modules"] == ["linear_qkv"] and config["dim"] == 8  # q and v A stacked: 2 x r=4
+    state, config = adapter_io.load_adapter(peft_dir, base_config=base, variant="nemo", stack=True)
+    assert config["target_modules"] == ["linear_qkv"] and config["dim"] == 8  # q and v A stacked: 2 x r=4 (k: B=0)
     mine = adapter_io.save_adapter(tmp_path / "mine", state, config)
     merged = adapter_io.merge_adapter(base, mine, tmp_path / "merged", progress=False)
     torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)

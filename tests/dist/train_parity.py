@@ -2,7 +2,8 @@
 
 argv: <out.json> <prepared dir> <converted base dir> <hf base dir> <run root>
 Writes, from rank 0, per-step train losses of every layout, the TP=2 -> TP=1 resume, packed vs unpacked
-losses for PP=1 and PP=2, and the two-stage check.
+losses for PP=1 and PP=2, and the two-stage check (stage 2's first loss vs stage 1's adapter evaluated on
+stage 2's first batch).
 """
 import json
 import shutil
@@ -22,7 +23,8 @@ STEPS = 4
 COMMON = [f"model.hf_path={BASE_HF}", f"model.checkpoint={BASE_MCORE}", f"data.output_dir={PREP}",
           "run.tensorboard=false", "cluster.nproc_per_node=2", "peft.lora.dim=8", "peft.lora.alpha=16",
           "trainer.global_batch_size=4", f"trainer.sft.max_steps={STEPS}", "trainer.sft.val_check_interval=2",
-          "trainer.optim.lr=3e-3", "trainer.optim.warmup_steps=1", "trainer.sft.limit_val_batches=2"]
+          "trainer.optim.lr=3e-3", "trainer.optim.warmup_steps=1", "trainer.sft.limit_val_batches=2",
+          "trainer.train_split=sft", "trainer.validation_split=eval"]
 LAYOUTS = {
     "dp2": ["parallel=single"],
     "dp2_distopt": ["parallel=single", "parallel.use_distributed_optimizer=true"],
@@ -56,7 +58,7 @@ def packed_vs_unpacked(layout: str) -> dict:
     cfg = config(layout)
     init_from_config(cfg)
     tokenizer = load_tokenizer(cfg.model.tokenizer)
-    packs = load_samples(cfg, "validation", tokenizer)
+    packs = load_samples(cfg, "eval", tokenizer)
     pack = max(packs, key=lambda s: len(s.seq_start_id))
     hf = hf_config_of(cfg)
     model = build_lora_model(cfg, hf)
@@ -77,6 +79,36 @@ def packed_vs_unpacked(layout: str) -> dict:
     return {"packed": packed, "unpacked": unpacked, "documents": len(docs)}
 
 
+def two_stage() -> dict:
+    from data_prep.tokenizer import load_tokenizer
+    from recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
+    from recipes.trainer import SupervisedTrainer
+    from recipes.two_stage import run_stages, stage_configs
+
+    root = ROOT / "two_stage"
+    cfg = compose("lora_sft", ["experiment=tiny_two_stage", f"model.hf_path={BASE_HF}",
+                               f"model.checkpoint={BASE_MCORE}", f"data.output_dir={PREP}", "run.tensorboard=false",
+                               f"run.output_dir={root}", "trainer.sft.max_steps=3", "peft.lora.dim=8"])
+    results = run_stages(cfg)
+    (_, stage2_cfg) = stage_configs(cfg)[1]
+    stage2_cfg.peft.restore_from = str(results[0].adapter_dir)
+    init_from_config(stage2_cfg)
+    tokenizer = load_tokenizer(stage2_cfg.model.tokenizer)
+    samples = load_samples(stage2_cfg, stage2_cfg.trainer.train_split, tokenizer)
+    hf = hf_config_of(stage2_cfg)
+    evaluator = SupervisedTrainer(cfg=stage2_cfg, model=[build_lora_model(stage2_cfg, hf)], optimizer=None,
+                                  scheduler=None, train_samples=samples, val_samples=samples, pad_id=0,
+                                  seq_length=seq_length(stage2_cfg), hf_config=hf, run_dir=root / "check",
+                                  checkpointer=None, log_metrics=False)
+    first, _ = batches.global_batch_indices(len(samples), stage2_cfg.trainer.global_batch_size, 0,
+                                            stage2_cfg.run.seed)
+    loss, _ = evaluator._run_schedule(evaluator._micro_batches(samples, first), forward_only=True)
+    return {"stage1_adapter_on_stage2_batch1": loss,
+            "stage1": losses_of(root / "stage1") if distributed.is_rank_zero() else None,
+            "stage2": losses_of(root / "stage2") if distributed.is_rank_zero() else None,
+            "adapters": [str(r.adapter_dir) for r in results]}
+
+
 def main():
     results = {"layouts": {}}
     for name in LAYOUTS:
@@ -93,6 +125,7 @@ def main():
     if distributed.is_rank_zero():
         results["tp2_resumed_at_tp1"] = losses_of(resumed)
     results["packing"] = {layout: packed_vs_unpacked(layout) for layout in ("dp2", "pp2")}
+    results["two_stage"] = two_stage()
     if distributed.is_rank_zero():
         Path(OUT).write_text(json.dumps(results, indent=2))
     distributed.destroy_distributed()
