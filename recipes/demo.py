@@ -98,9 +98,10 @@ def main(argv: list[str] | None = None) -> int:
     for title, seconds in timings:
         print(f"  {title:<62} {seconds:7.1f} s")
     print(f"  {'total':<62} {sum(s for _, s in timings):7.1f} s")
-    loss = summary.get("loss", {})
-    if loss:
-        print(f"\ntest loss: base {loss.get('base')}, LoRA {loss.get('lora')}")
+    for engine, losses in summary.get("loss", {}).items():
+        base_loss, lora_loss = losses["base"]["loss"], losses["lora"]["loss"]
+        verdict = "lower" if lora_loss < base_loss else "NOT lower"
+        print(f"held-out answer-token loss ({engine}): base {base_loss:.4f} -> LoRA {lora_loss:.4f} ({verdict})")
     return 0
 
 

@@ -277,7 +277,8 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
         val_samples=samples, pad_id=pad_id, seq_length=seq_length(cfg), hf_config=hf,
         run_dir=Path(cfg.run.output_dir), checkpointer=None, stage="eval", log_metrics=False)
     loss = evaluator.validate()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "samples": len(samples)}
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": evaluator.last_val_tokens,
+            "samples": len(samples)}
 
 
 def _base_only(cfg: DictConfig, hf: dict):

@@ -220,6 +220,7 @@ class SupervisedTrainer:
             total_tokens += tokens
         for chunk in self.model:
             chunk.train()
+        self.last_val_tokens = int(total_tokens)
         return total_loss / max(total_tokens, 1)
 
     # ---- the loop --------------------------------------------------------------------------------
