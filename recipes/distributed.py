@@ -42,13 +42,14 @@ def init_distributed(
 
     megatron_cpu.enable_cpu_megatron()
     if not torch.distributed.is_initialized():
-        if "RANK" not in os.environ:
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
-                              MASTER_PORT=str(_free_port()))
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        torch.distributed.init_process_group(
-            backend=backend(), timeout=datetime.timedelta(minutes=timeout_minutes))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
+        if "RANK" in os.environ:  # torchrun / Slurm
+            torch.distributed.init_process_group(backend=backend(), timeout=timeout)
+        else:  # a world of one; the environment is left alone for the processes this one starts
+            torch.distributed.init_process_group(backend=backend(), timeout=timeout, rank=0, world_size=1,
+                                                 init_method=f"tcp://127.0.0.1:{_free_port()}")
     wanted = (tensor_model_parallel_size, pipeline_model_parallel_size, context_parallel_size)
     if parallel_state.model_parallel_is_initialized() and wanted != _current_layout():
         parallel_state.destroy_model_parallel()  # another layout in the same process (tests, evaluation)

@@ -1,15 +1,23 @@
-"""A real Slurm (Debian slurm-wlm + munge, one node on localhost): submit the rendered job, and preempt it.
+"""A real Slurm (Debian slurm-wlm + munge, one node on localhost) runs the real training job.
 
-The session fixture installs the packages when they are absent (root + apt-get), starts munged,
-slurmctld and slurmd, and stops what it started. Elsewhere the tests skip with the reason.
+The module fixture installs the packages when they are absent (root + apt-get), starts munged, slurmctld
+and slurmd, and stops what it started; elsewhere the tests skip with the reason. Each job is what a user
+submits: `nemotune launch experiment=tiny_lora cluster=slurm ...` composes conf/lora_sft.yaml, renders
+the sbatch script and submits it; the job's srun task starts torchrun with 2 CPU ranks (data parallel 2)
+running `recipes.lora_sft` on the tiny model (tests/conftest.py `tiny_assets`).
 
-The payload is tests/slurm/payload.py (a tiny gloo data-parallel trainer with the trainer's preemption
-protocol); PAYLOAD below is the one line to drop to run the real `recipes.lora_sft` instead.
+1. an uninterrupted job: COMPLETED, its metrics, final checkpoint (adapter + trainer state) and logs;
+2. the pre-timeout signal (`scancel --signal=USR1`, what `#SBATCH --signal=USR1@<s>` sends): the ranks
+   checkpoint at the step they are on, the job requeues itself, resumes from that checkpoint and ends
+   with the same per-step losses as job 1 (same config, so job 1 is the uninterrupted reference).
 """
+import contextlib
 import importlib.util
+import io
 import json
+import math
 import os
-import shutil
+import re
 import socket
 import subprocess
 import sys
@@ -17,14 +25,19 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from launchers import main as launch_main
+from recipes.config import LoraSettings
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
-PAYLOAD = [f"cluster.module={HERE / 'slurm' / 'payload.py'}"]  # [] = the real recipes.lora_sft
+STEPS = 10
+GLOBAL_BATCH = 4  # experiment=tiny_lora
+JOB_NAME = "nemotune-slurm_ci"  # conf/cluster/slurm.yaml: nemotune-${run.name}
+SUBMITTED: list = []  # job ids, cancelled at teardown if still running
 
 
 def _load_local_cluster():
@@ -49,6 +62,7 @@ def slurm():
     try:
         yield cluster
     finally:
+        _cancel_unfinished()
         cluster.down()
         if old is None:
             os.environ.pop("SLURM_CONF", None)
@@ -56,16 +70,21 @@ def slurm():
             os.environ["SLURM_CONF"] = old
 
 
-@pytest.fixture(scope="module")
-def conf_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("slurmconf")
-    shutil.copytree(REPO / "conf" / "cluster", root / "cluster")
-    (root / "launch_test.yaml").write_text(
-        "defaults:\n  - cluster: local\n  - _self_\n"
-        f"run: {{name: ci, output_dir: {root}/run}}\n"
-        "parallel: {tensor_model_parallel_size: 1, pipeline_model_parallel_size: 1, context_parallel_size: 1}\n"
-        "trainer: {sft: {max_steps: 20}}\n")
-    return root
+def _cancel_unfinished() -> None:
+    """A failed test leaves its job running: cancel it so no training outlives the daemons."""
+    def gone_or_finished(job_id):
+        try:
+            return _finished(job_id)
+        except subprocess.CalledProcessError:
+            return True
+
+    running = [j for j in SUBMITTED if not gone_or_finished(j)]
+    for job_id in running:
+        subprocess.run(["scancel", job_id], capture_output=True)
+    deadline = time.monotonic() + 30
+    while running and time.monotonic() < deadline:
+        running = [j for j in running if not gone_or_finished(j)]
+        time.sleep(0.5)
 
 
 def _free_port() -> int:
@@ -74,21 +93,34 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _submit(conf_dir, run_dir: Path, steps: int, capsys) -> str:
-    argv = ["--config-dir", str(conf_dir), "--config-name", "launch_test", "cluster=slurm",
-            "cluster.gpus_per_node=0", "cluster.nproc_per_node=2", "cluster.cpus_per_task=2",
+def _submit(assets: dict, run_dir: Path) -> str:
+    """`nemotune launch` with the real config tree; returns the job id it printed."""
+    argv = ["experiment=tiny_lora", "run.name=slurm_ci", f"run.output_dir={run_dir}", "run.tensorboard=false",
+            f"model.hf_path={assets['base']}", f"model.checkpoint={assets['mcore']}",
+            f"data.output_dir={assets['prep']}", "trainer.train_split=sft", "trainer.validation_split=eval",
+            f"trainer.sft.max_steps={STEPS}", f"trainer.sft.val_check_interval={STEPS}",
+            "trainer.sft.limit_val_batches=1",
+            # one CPU node: 2 ranks (DP=2) in one task, no GPUs, the whole 2-core node
+            "cluster=slurm", "cluster.gpus_per_node=0", "cluster.nproc_per_node=2", "cluster.cpus_per_task=2",
             "cluster.exclusive=false", "cluster.time=00:10:00", f"cluster.master_port={_free_port()}",
-            "+cluster.env.OMP_NUM_THREADS=1", f"run.output_dir={run_dir}", f"trainer.sft.max_steps={steps}",
-            *PAYLOAD]
-    assert launch_main(argv) == 0
-    out = capsys.readouterr().out
-    line = [l for l in out.splitlines() if l.startswith("Submitted ")][-1]
-    return line.split(" as job ")[1].split()[0]
+            "+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.PYTHONWARNINGS=ignore"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = launch_main(argv)
+    assert code == 0, err.getvalue()
+    line = [l for l in out.getvalue().splitlines() if l.startswith("Submitted ")][-1]
+    SUBMITTED.append(line.split(" as job ")[1].split()[0])
+    return SUBMITTED[-1]
 
 
 def _job(job_id: str) -> dict:
     proc = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True, check=True)
     return dict(kv.split("=", 1) for kv in proc.stdout.split() if "=" in kv)
+
+
+def _log(run_dir: Path, job_id: str, stream: str = "out") -> str:
+    path = run_dir / "slurm" / f"{JOB_NAME}-{job_id}.{stream}"
+    return path.read_text() if path.exists() else ""
 
 
 def _wait(predicate, timeout: float, what: str, job_id: str, run_dir: Path):
@@ -98,60 +130,111 @@ def _wait(predicate, timeout: float, what: str, job_id: str, run_dir: Path):
         if value:
             return value
         time.sleep(0.25)
-    logs = "\n".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*-*.*")) if p.suffix in (".out", ".err"))
-    pytest.fail(f"timed out waiting for {what}; job {_job(job_id)}\n{logs}")
+    pytest.fail(f"timed out waiting for {what}; job {_job(job_id)}\n{_log(run_dir, job_id)[-4000:]}\n"
+                f"{_log(run_dir, job_id, 'err')[-4000:]}")
 
 
-def _metrics(run_dir: Path) -> list:
+def _finished(job_id):
+    return _job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY")
+
+
+def _rows(run_dir: Path) -> list:
     path = run_dir / "metrics.jsonl"
     return [json.loads(l) for l in path.read_text().splitlines()] if path.exists() else []
 
 
-def _finished(job_id):
-    return _job(job_id)["JobState"] in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL")
+def _train_rows(run_dir: Path) -> list:
+    return [r for r in _rows(run_dir) if "train/loss" in r]
 
 
-def test_submitted_job_trains_on_two_ranks(slurm, conf_dir, tmp_path, capsys):
-    run_dir = tmp_path / "run"
-    job_id = _submit(conf_dir, run_dir, steps=8, capsys=capsys)
-    _wait(lambda: _finished(job_id), 120, "the job to finish", job_id, run_dir)
+def _assert_completed(job_id: str, run_dir: Path, restarts: int) -> None:
     job = _job(job_id)
-    assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
-    metrics = _metrics(run_dir)
-    assert [m["step"] for m in metrics] == list(range(8))
-    assert metrics[-1]["train/loss"] < metrics[0]["train/loss"] / 10
-    assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text()) == {"world": 2, "steps": 8}
-    log = (run_dir / "slurm" / f"nemotune-ci-{job_id}.out").read_text()
-    assert f"[nemotune] job {job_id} (restart 0): 1 node(s)" in log and "world 2" in log
-    assert len(list((run_dir / "slurm").glob("nemotune-ci-*.sbatch"))) == 1
-    test_submitted_job_trains_on_two_ranks.losses = [m["train/loss"] for m in metrics]
+    assert (job["JobState"], job["ExitCode"], job["Restarts"]) == ("COMPLETED", "0:0", str(restarts)), \
+        f"{job}\n{_log(run_dir, job_id)[-4000:]}\n{_log(run_dir, job_id, 'err')[-4000:]}"
 
 
-def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, conf_dir, tmp_path, capsys):
+def _trainer_state(run_dir: Path, step: int) -> dict:
+    ckpt = run_dir / "checkpoints" / f"step{step:07d}"
+    return json.loads((ckpt / "trainer_state.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def completed_job(slurm, tiny_assets, tmp_path_factory):
+    """One uninterrupted job (also the reference for the preempted one): (job id, run dir)."""
+    run_dir = tmp_path_factory.mktemp("slurm_job") / "run"
+    job_id = _submit(tiny_assets, run_dir)
+    _wait(lambda: _finished(job_id), 150, "the job to finish", job_id, run_dir)
+    return job_id, run_dir
+
+
+def test_submitted_job_trains_on_two_ranks(completed_job, tiny_assets):
+    job_id, run_dir = completed_job
+    _assert_completed(job_id, run_dir, restarts=0)
+    rows = _train_rows(run_dir)
+    assert [r["step"] for r in rows] == list(range(1, STEPS + 1))  # each step once
+    assert [r["train/consumed_samples"] for r in rows] == [GLOBAL_BATCH * s for s in range(1, STEPS + 1)]
+    losses = [r["train/loss"] for r in rows]
+    assert all(math.isfinite(l) and 5.0 < l < 8.0 for l in losses), losses  # ~ln(1024) for the tiny model
+    assert losses[-1] < losses[0], losses
+    val = [r for r in _rows(run_dir) if "val/loss" in r]
+    assert [r["step"] for r in val] == [STEPS] and math.isfinite(val[0]["val/loss"])
+
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step{STEPS:07d}"]
+    state = _trainer_state(run_dir, STEPS)
+    assert (state["step"], state["consumed_samples"], state["world_size"]) == (STEPS, STEPS * GLOBAL_BATCH, 2)
+    assert state["val_loss"] == pytest.approx(val[0]["val/loss"])
+    adapter = run_dir / "checkpoints" / f"step{STEPS:07d}" / "adapter"
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    assert (config["dim"], config["alpha"], config["variant"], config["base_checkpoint"]) == \
+        (8, 16, LoraSettings().variant, str(tiny_assets["mcore"]))
+    weights = load_file(adapter / "adapter_weights.safetensors")
+    assert weights and all(torch.isfinite(t).all() for t in weights.values())
+    # LoRA B starts at zero: trained adapters have moved away from it
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "linear_out" in k or "lora_B" in k), list(weights)
+
+    log = _log(run_dir, job_id)
+    assert f"[nemotune] job {job_id} (restart 0): 1 node(s)" in log
+    assert "2 micro-batches x 2 data-parallel" in log and f"step {STEPS:>6d}/{STEPS:<6d}" in log
+    assert "resumed from" not in log and "requeueing" not in log
+    scripts = list((run_dir / "slurm").glob(f"{JOB_NAME}-*.sbatch"))
+    assert len(scripts) == 1
+    script = scripts[0].read_text()
+    assert "#SBATCH --signal=USR1@300" in script and "-m recipes.lora_sft" in script
+
+
+def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, tiny_assets, completed_job, tmp_path):
     run_dir = tmp_path / "run"
-    job_id = _submit(conf_dir, run_dir, steps=30, capsys=capsys)
-    _wait(lambda: len(_metrics(run_dir)) >= 3, 90, "3 training steps", job_id, run_dir)
-    # what `#SBATCH --signal=USR1@<s>` does at the time limit: USR1 to every process of the job's steps
+    job_id = _submit(tiny_assets, run_dir)
+    _wait(lambda: len(_train_rows(run_dir)) >= 2, 150, "2 training steps", job_id, run_dir)
+    # what `#SBATCH --signal=USR1@<s>` does before the time limit: USR1 to every process of the job's steps
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
-    _wait(lambda: _job(job_id).get("Restarts") == "1", 60, "the requeue", job_id, run_dir)
+    _wait(lambda: _job(job_id).get("Restarts") == "1", 90, "the requeue", job_id, run_dir)
     # Slurm holds a requeued job ~120 s (BeginTime); release it now, after its old credential's second
     time.sleep(2)
     subprocess.run(["scontrol", "update", f"jobid={job_id}", "starttime=now"], check=True)
-    _wait(lambda: _finished(job_id), 120, "the resumed job to finish", job_id, run_dir)
-    job = _job(job_id)
-    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "1", job
+    _wait(lambda: _finished(job_id), 150, "the resumed job to finish", job_id, run_dir)
+    _assert_completed(job_id, run_dir, restarts=1)
 
-    metrics = _metrics(run_dir)
-    steps = [m["step"] for m in metrics]
-    assert steps == list(range(30)), steps  # every step exactly once across the two runs
-    first_run = [m for m in metrics if m["restart"] == 0]
-    assert 3 <= len(first_run) < 30 and all(m["restart"] == 1 for m in metrics[len(first_run):])
-    log = (run_dir / "slurm" / f"nemotune-ci-{job_id}.out").read_text()
-    stop_step = first_run[-1]["step"]
-    assert f"[payload] signal 10 -> checkpoint at step {stop_step}" in log
+    log = _log(run_dir, job_id)
+    assert f"[nemotune] job {job_id} (restart 0)" in log and f"[nemotune] job {job_id} (restart 1)" in log
+    stops = re.findall(r"\[sft\] stopping at step (\d+) \(preempted\)", log)
+    assert len(stops) == 1, log[-4000:]
+    stop = int(stops[0])
+    assert 2 <= stop < STEPS, f"the signal landed at step {stop}, not mid-run"
     assert f"requeueing job {job_id}" in log
-    assert f"[payload] resumed from step {stop_step} (restart 1)" in log and "[payload] done" in log
-    # resuming is exact: the same losses as an uninterrupted run over the steps both ran
-    reference = getattr(test_submitted_job_trains_on_two_ranks, "losses", None)
-    if reference:
-        assert [m["train/loss"] for m in metrics[:len(reference)]] == pytest.approx(reference, rel=1e-6)
+    assert f"resumed from {run_dir / 'checkpoints' / f'step{stop:07d}'} at step {stop}, " \
+           f"consumed_samples {stop * GLOBAL_BATCH}" in log
+    # the checkpoint written at the stop step is still there next to the final one
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == [f"step{stop:07d}", f"step{STEPS:07d}"]
+    assert _trainer_state(run_dir, stop)["consumed_samples"] == stop * GLOBAL_BATCH
+    state = _trainer_state(run_dir, STEPS)
+    assert (state["step"], state["consumed_samples"]) == (STEPS, STEPS * GLOBAL_BATCH)
+
+    rows = _train_rows(run_dir)
+    last = {r["step"]: r for r in rows}  # a resumed run re-logs steps after its checkpoint: the last wins
+    assert sorted(last) == list(range(1, STEPS + 1)) and [r["step"] for r in rows[:stop]] == list(range(1, stop + 1))
+    assert [last[s]["train/consumed_samples"] for s in sorted(last)] == [GLOBAL_BATCH * s for s in range(1, STEPS + 1)]
+    # resuming is exact: the same losses as the uninterrupted job with the same config
+    reference = {r["step"]: r["train/loss"] for r in _train_rows(completed_job[1])}
+    assert [last[s]["train/loss"] for s in sorted(last)] == \
+        pytest.approx([reference[s] for s in sorted(reference)], abs=1e-5)
