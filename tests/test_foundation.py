@@ -136,3 +136,16 @@ def test_cli_lists_every_verb(capsys):
     for verb in ("prep", "convert", "train", "export", "eval", "launch", "demo"):
         assert verb in VERBS and verb in out
     assert main(["nope"]) == 2
+
+
+def test_tiny_model_config_is_what_the_tiny_writer_writes(tmp_path):
+    from omegaconf import OmegaConf
+
+    from converters.tiny_model import write_tiny_llama
+
+    written = load_hf_config(write_tiny_llama(tmp_path / "tiny", copy_tokenizer=False))
+    declared = load_hf_config(OmegaConf.to_container(compose("lora_sft").model.hf_config))
+    for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings", "rms_norm_eps",
+                "rope_theta", "rope_scaling", "tie_word_embeddings"):
+        assert written[key] == declared[key], key
