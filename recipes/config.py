@@ -162,6 +162,17 @@ def compose(config_name: str = "lora_sft", overrides: Optional[List[str]] = None
     return cfg
 
 
+def hydra_cli(argv: Optional[List[str]], help_text: str) -> Optional[tuple]:
+    """Shared CLI front of the Hydra entry points: None after printing help, else (print_cfg, overrides)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print(help_text)
+        return None
+    return "--cfg" in argv, [a for a in argv if a != "--cfg"]
+
+
 def experiment_names() -> List[str]:
     root = Path(__file__).resolve().parent.parent / "conf" / "experiment"
     return sorted(p.stem for p in root.glob("*.yaml"))

@@ -311,12 +311,12 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if "-h" in argv or "--help" in argv:
-        print(HELP)
+    from recipes.config import hydra_cli
+
+    parsed = hydra_cli(argv, HELP)
+    if parsed is None:
         return 0
-    print_cfg = "--cfg" in argv
-    overrides = [a for a in argv if a != "--cfg"]
+    print_cfg, overrides = parsed
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         try:
