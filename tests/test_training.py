@@ -134,3 +134,29 @@ def test_adapter_of_another_shape_is_refused_before_training(tiny_assets, tmp_pa
     assert result.returncode == 2
     assert "shape" in result.stderr and "linear_in.weight" in result.stderr
     assert not (tmp_path / "second" / "metrics.jsonl").exists()
+
+
+def test_adapters_trained_under_tp2_and_pp2_serve_with_the_same_logits(parity, tiny_assets, tmp_path):
+    """The consolidated adapter of a TP=2 and of a PP=2 run -> HF PEFT and merged HF: transformers gives the
+    logits our Megatron model gives with the adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from converters.adapter_io import export_hf_peft, merge_adapter
+    from converters.checkpoint import verify
+
+    _, runs = parity
+    ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(3))
+    for layout in ("tp2", "pp2"):
+        adapter = runs / layout / "checkpoints" / "step0000004" / "adapter"
+        peft_dir = export_hf_peft(adapter, tmp_path / f"{layout}_peft")
+        assert verify(tiny_assets["base"], tiny_assets["mcore"], adapter=adapter, peft_dir=peft_dir) <= 1e-5
+        merged = merge_adapter(tiny_assets["base"], adapter, tmp_path / f"{layout}_merged")
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_assets["base"]), dtype=torch.float32).eval()
+        with torch.no_grad():
+            base_logits = base(ids).logits
+            served = PeftModel.from_pretrained(base, str(peft_dir)).eval()(ids).logits
+            merged_logits = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(ids).logits
+        torch.testing.assert_close(merged_logits, served, rtol=0, atol=1e-5)
+        assert (served - base_logits).abs().max() > 1e-4  # the trained adapter changes the model
