@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemotune-installed
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test bench-cpu clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,12 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q tests
+
+# the CPU benchmarks of bench/RESULTS.md (a few minutes); bench/gpu_lora.py needs a GPU
+bench-cpu: setup
+	$(PY) bench/train_cpu.py
+	$(PY) bench/packing.py
+	$(PY) bench/prep.py
 
 clean:
 	rm -rf $(VENV) work

@@ -135,14 +135,13 @@ class SupervisedTrainer:
         position_ids = batch["position_ids"].to(device)
         labels = batch["labels"].to(device)
         weights = batch["loss_weights"].to(device)
-        kwargs = {}
-        if self.use_packed_seq_params:
-            kwargs["packed_seq_params"] = batches.packed_seq_params(batch, device)
-            attention_mask = None
+        if self.use_packed_seq_params:  # TE THD: cu_seqlens separate the documents and restart RoPE
+            per_token_loss = model(tokens, position_ids, None, labels=labels,
+                                   packed_seq_params=batches.packed_seq_params(batch, device))
         else:
             attention_mask = batches.block_causal_mask(batch["document_ids"]).to(device)
-        with rotary_positions(model, position_ids):
-            per_token_loss = model(tokens, position_ids, attention_mask, labels=labels, **kwargs)
+            with rotary_positions(model, position_ids):
+                per_token_loss = model(tokens, position_ids, attention_mask, labels=labels)
         return per_token_loss, partial(_answer_token_loss, weights)
 
     def _run_schedule(self, micro_batches: List[dict], forward_only: bool):
