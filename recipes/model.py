@@ -157,12 +157,14 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
 def _sdpa_core_attention():
     from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+    from recipes.batches import DocumentMask
+
     class SdpaCoreAttention(DotProductAttention):
         """The local spec's core attention through torch's fused scaled_dot_product_attention.
 
         megatron's DotProductAttention materializes [b, heads, s, s] scores (baddbmm, masked_fill, softmax,
-        bmm and their copies): most of a CPU step. SDPA with the same boolean mask (block-diagonal for
-        packed documents) gives the same losses (1e-7) at about twice the speed (bench/train_cpu.py).
+        bmm and their copies): most of a CPU step. SDPA gives the same losses (1e-7) at about twice the
+        speed (bench/train_cpu.py); with a DocumentMask it runs causally per packed document.
         """
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -174,9 +176,15 @@ def _sdpa_core_attention():
             if q.shape[1] != k.shape[1]:  # GQA: each query group's k/v serves heads/groups query heads
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
-            allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.softmax_scale)
+            sdpa = torch.nn.functional.scaled_dot_product_attention
+            if isinstance(attention_mask, DocumentMask):  # causal attention within each packed document
+                rows = [torch.cat([sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
+                                        is_causal=True, scale=self.softmax_scale) for s, e in spans], dim=2)
+                        for b, spans in enumerate(attention_mask.spans)]
+                out = torch.cat(rows, dim=0)
+            else:
+                allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
+                out = sdpa(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.softmax_scale)
             return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
     return SdpaCoreAttention

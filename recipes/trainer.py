@@ -139,7 +139,7 @@ class SupervisedTrainer:
             per_token_loss = model(tokens, position_ids, None, labels=labels,
                                    packed_seq_params=batches.packed_seq_params(batch, device))
         else:
-            attention_mask = batches.block_causal_mask(batch["document_ids"]).to(device)
+            attention_mask = batches.DocumentMask(batch["document_lengths"], tokens.shape[1])
             with rotary_positions(model, position_ids):
                 per_token_loss = model(tokens, position_ids, attention_mask, labels=labels)
         return per_token_loss, partial(_answer_token_loss, weights)
