@@ -62,15 +62,6 @@ def positions(sample: Sample) -> np.ndarray:
     return pos
 
 
-def document_ids(sample: Sample, length: int) -> np.ndarray:
-    """Document index of every token; padding (past the sample) gets -1 and attends to itself only."""
-    doc = np.full(length, -1, dtype=np.int64)
-    bounds = list(sample.seq_start_id) + [len(sample.input_ids)]
-    for index, (start, end) in enumerate(zip(bounds[:-1], bounds[1:])):
-        doc[start:end] = index
-    return doc
-
-
 class DocumentMask:
     """Where megatron expects an attention mask on the local spec: the documents of each row.
 
@@ -119,7 +110,6 @@ def collate(samples: Sequence[Sample], pad_id: int, pad_to_multiple: int = 1, pa
     labels = np.full((len(samples), length), pad_id, dtype=np.int64)
     weights = np.zeros((len(samples), length), dtype=np.float32)
     pos = np.zeros((len(samples), length), dtype=np.int64)
-    docs = np.full((len(samples), length), -1, dtype=np.int64)
     doc_lengths = []
     for row, sample in enumerate(samples):
         n = len(sample.input_ids)
@@ -127,14 +117,12 @@ def collate(samples: Sequence[Sample], pad_id: int, pad_to_multiple: int = 1, pa
         lab, w = targets_and_weights(sample)
         labels[row, :n], weights[row, :n] = lab, w
         pos[row, :n] = positions(sample)
-        docs[row] = document_ids(sample, length)
         doc_lengths.append(sample.document_lengths)
     return {
         "tokens": torch.from_numpy(tokens),
         "labels": torch.from_numpy(labels),
         "loss_weights": torch.from_numpy(weights),
         "position_ids": torch.from_numpy(pos),
-        "document_ids": torch.from_numpy(docs),
         "document_lengths": doc_lengths,
         "real_tokens": int(sum(len(s.input_ids) for s in samples)),
     }
