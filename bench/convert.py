@@ -1,8 +1,8 @@
 """Peak memory and time of converting a ~1B-parameter random Llama (CPU, fp32): HF -> Megatron -> HF.
 
 Each step runs in a fresh child process that reports its own whole-process peak RSS (ru_maxrss); the
-target is a peak below 1.3x the checkpoint's size on disk. megatron-core's dist-checkpoint writer forks
-helper processes that share the parent's pages; their peak is reported separately.
+target is a peak below 1.3x the checkpoint's size on disk. Forked helper processes (megatron-core's async
+dist-checkpoint writer forks some; the converters' synchronous writer does not) are reported separately.
 
     python bench/convert.py [--work /tmp/nemotune-bench] [--layers 16] [--keep]
 """

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
@@ -32,11 +33,10 @@ import torch
 
 from converters.mapping import (
     NEMO_PREFIX,
-    HfToMegatron,
     LlamaDims,
     check_hf_shapes,
 )
-from converters.mapping import megatron_to_hf as megatron_tensor_to_hf
+from converters.mapping import megatron_to_hf_views
 
 log = logging.getLogger("nemotune.converters")
 
@@ -71,6 +71,11 @@ def read_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
 
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) of a safetensors file, refusing a truncated or corrupt file."""
+    return {name: (dtype, shape) for name, (dtype, shape, _) in read_safetensors_layout(path).items()}
+
+
+def read_safetensors_layout(path: Path) -> dict[str, tuple[str, tuple[int, ...], int]]:
+    """name -> (dtype, shape, byte offset of its data in the file), refusing a truncated or corrupt file."""
     size = path.stat().st_size
     try:
         with open(path, "rb") as handle:
@@ -86,7 +91,30 @@ def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]
         raise ConversionError(
             f"{path}: truncated safetensors file ({size} bytes, its header needs {8 + header_len + data_end}); "
             "the download or copy was interrupted -- fetch this shard again")
-    return {name: (entry["dtype"], tuple(entry["shape"])) for name, entry in header.items()}
+    return {name: (entry["dtype"], tuple(entry["shape"]), 8 + header_len + entry["data_offsets"][0])
+            for name, entry in header.items()}
+
+
+def _bytes_of(tensor: torch.Tensor):
+    """A writable byte buffer over a contiguous tensor's storage."""
+    return tensor.reshape(-1).view(torch.uint8).numpy().data
+
+
+def _read_into(handle, offset: int, dst: torch.Tensor) -> None:
+    """Fill ``dst`` (possibly a strided view) with the bytes at ``offset``, in row-major order, no staging."""
+    if dst.is_contiguous() or dst.dim() <= 1:
+        buffer = _bytes_of(dst)
+        handle.seek(offset)
+        done = 0
+        while done < len(buffer):
+            count = handle.readinto(buffer[done:])
+            if not count:
+                raise ConversionError(f"{handle.name}: unexpected end of file (truncated shard?)")
+            done += count
+        return
+    step = dst[0].numel() * dst.element_size()
+    for i in range(dst.shape[0]):
+        _read_into(handle, offset + i * step, dst[i])
 
 
 def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
@@ -127,20 +155,6 @@ def inspect_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict[str, Path], to
     return hf, weight_map, SAFETENSORS_DTYPES[dtype_name]
 
 
-def iter_hf_tensors(weight_map: Mapping[str, Path], *, progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
-    """Yield every tensor shard by shard (memory-mapped; one tensor materialised at a time)."""
-    from safetensors import safe_open
-    from tqdm.auto import tqdm
-
-    by_shard: dict[Path, list[str]] = {}
-    for name, shard in weight_map.items():
-        by_shard.setdefault(shard, []).append(name)
-    for shard in tqdm(sorted(by_shard), desc="reading shards", unit="shard", disable=not progress):
-        with safe_open(str(shard), framework="pt") as handle:
-            for name in by_shard[shard]:
-                yield name, handle.get_tensor(name)
-
-
 def auxiliary_files(src_dir: Path) -> list[Path]:
     """config, generation config, tokenizer and chat template files: everything that is not weights."""
     return sorted(p for p in src_dir.iterdir()
@@ -172,30 +186,37 @@ def atomic_output(out: str | Path, *, overwrite: bool = False, is_dir: bool = Tr
         shutil.rmtree(tmp_root, ignore_errors=True)
 
 
-def write_hf_shards(named_tensors: list[tuple[str, torch.Tensor]], out_dir: Path, *,
-                    max_shard_size: int = 5 * 1024**3, progress: bool = True) -> None:
-    """Write tensors (in order) as HF safetensors shards + index, one shard in memory at a time."""
+def write_hf_shards(named_tensors: list[tuple[str, torch.Tensor] | tuple[str, torch.Tensor, tuple[int, ...]]],
+                    out_dir: Path, *, max_shard_size: int = 5 * 1024**3, progress: bool = True) -> None:
+    """Write tensors (in order) as HF safetensors shards + index, one shard in memory at a time.
+
+    An entry may carry the shape to write: its tensor is then a view in that shape's row-major element
+    order (see ``megatron_to_hf_views``), reshaped -- copied only if strided -- when its shard is written.
+    """
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
+    named_tensors = [(name, tensor, tuple(rest[0]) if rest else tuple(tensor.shape))
+                     for name, tensor, *rest in named_tensors]
     plan: list[list[int]] = [[]]
     shard_bytes = 0
-    for i, (_, tensor) in enumerate(named_tensors):
+    for i, (_, tensor, _) in enumerate(named_tensors):
         nbytes = tensor.numel() * tensor.element_size()
         if plan[-1] and shard_bytes + nbytes > max_shard_size:
             plan.append([])
             shard_bytes = 0
         plan[-1].append(i)
         shard_bytes += nbytes
-    total = sum(t.numel() * t.element_size() for _, t in named_tensors)
+    total = sum(t.numel() * t.element_size() for _, t, _ in named_tensors)
     if len(plan) == 1:
-        save_file({n: t.contiguous() for n, t in named_tensors}, str(out_dir / "model.safetensors"),
-                  metadata={"format": "pt"})
+        save_file({n: t.reshape(shape).contiguous() for n, t, shape in named_tensors},
+                  str(out_dir / "model.safetensors"), metadata={"format": "pt"})
         return
     weight_map = {}
     for number, indices in enumerate(tqdm(plan, desc="writing shards", unit="shard", disable=not progress), 1):
         file_name = f"model-{number:05d}-of-{len(plan):05d}.safetensors"
-        shard = {named_tensors[i][0]: named_tensors[i][1].contiguous() for i in indices}
+        shard = {named_tensors[i][0]: named_tensors[i][1].reshape(named_tensors[i][2]).contiguous()
+                 for i in indices}
         save_file(shard, str(out_dir / file_name), metadata={"format": "pt"})
         weight_map.update({name: file_name for name in shard})
         del shard
@@ -218,18 +239,46 @@ def _param_spec(state_dict: Mapping[str, Any]) -> str:
 
 
 def fill_model_from_hf(model, hf: Mapping[str, Any], weight_map: Mapping[str, Path], *, progress: bool = True) -> None:
-    """Copy every HF tensor into the Megatron model, shard by shard."""
-    params = {k: v for k, v in model.state_dict(keep_vars=True).items() if isinstance(v, torch.Tensor)}
-    stream = HfToMegatron(LlamaDims.from_hf(hf), spec=_param_spec(params))
-    filled = set()
+    """Read every HF tensor straight into its place in the Megatron model, shard by shard.
+
+    The mapping table's views say where each HF tensor's elements live inside its (fused) Megatron
+    parameter, so the bytes go from the file into the parameter with no intermediate tensor: the
+    conversion holds the model and nothing else (no memory-mapped shard, no fused copy).
+    """
+    from tqdm.auto import tqdm
+
+    dims = LlamaDims.from_hf(hf)
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items()
+              if isinstance(v, torch.Tensor) and not k.endswith("_extra_state") and "rotary" not in k}
+    spec = _param_spec(params)
+    destination = {hf_name: (name, view) for name, param in params.items()
+                   for hf_name, view in megatron_to_hf_views(name, param.data, dims, spec)}
+    by_shard: dict[Path, list[str]] = {}
+    for hf_name, shard in weight_map.items():
+        if hf_name in destination:  # others: a tied model's lm_head, rotary buffers
+            by_shard.setdefault(shard, []).append(hf_name)
+    unfilled = set(destination)
     with torch.no_grad():
-        for hf_name, tensor in iter_hf_tensors(weight_map, progress=progress):
-            for name, value in stream.feed(hf_name, tensor):
-                params[name].copy_(value)
-                filled.add(name)
-    expected = {k for k in params if not k.endswith("_extra_state") and "rotary" not in k}
-    if filled != expected or stream.missing():
-        raise ConversionError(f"conversion left parameters unset: {sorted(expected - filled) + stream.missing()}")
+        for shard in tqdm(sorted(by_shard), desc="reading shards", unit="shard", disable=not progress):
+            layout = read_safetensors_layout(shard)
+            with open(shard, "rb", buffering=0) as handle:
+                for hf_name in by_shard[shard]:
+                    dtype_name, shape, offset = layout[hf_name]
+                    name, view = destination[hf_name]
+                    dtype = SAFETENSORS_DTYPES.get(dtype_name)
+                    if dtype is None or math.prod(shape) != view.numel():
+                        raise ConversionError(f"{shard}: {hf_name} is {dtype_name} {list(shape)}, which does not "
+                                              f"fit {name} {list(view.shape)}")
+                    if dtype == view.dtype:
+                        _read_into(handle, offset, view)
+                    else:  # a dtype conversion needs the source tensor once
+                        source = torch.empty(shape, dtype=dtype)
+                        _read_into(handle, offset, source)
+                        view.copy_(source.view(view.shape))
+                    unfilled.discard(hf_name)
+    if unfilled:
+        raise ConversionError(f"conversion left parameters unset: "
+                              f"{sorted({destination[n][0] for n in unfilled})} (missing {sorted(unfilled)})")
 
 
 def _loadable_sharded_state_dict(model, prefix: str = "") -> dict:
@@ -237,11 +286,40 @@ def _loadable_sharded_state_dict(model, prefix: str = "") -> dict:
     return {k: v for k, v in model.sharded_state_dict(prefix=prefix).items() if not k.endswith("_extra_state")}
 
 
+def _streaming_save_strategy():
+    """megatron-core's torch_dist save strategy, writing through torch DCP's own FileSystemWriter.
+
+    The format is the same (megatron's planner, metadata and file layout; loads under any TP/PP). Only the
+    staging differs: megatron's async writer copies every tensor that is a view (the gate/up halves of each
+    ``linear_fc1``, i.e. a third of a Llama) up front so that a forked process can write them later; torch's
+    synchronous writer copies one tensor at a time while it writes, so saving adds one tensor, not a model.
+    """
+    from megatron.core.dist_checkpointing.strategies.torch import (
+        MCoreSavePlanner,
+        TorchDistSaveShardedStrategy,
+        _replace_state_dict_keys_with_sharded_keys,
+        mcore_to_pyt_state_dict,
+    )
+    from torch.distributed import checkpoint as dcp
+
+    class StreamingTorchDistSaveStrategy(TorchDistSaveShardedStrategy):
+        def save(self, sharded_state_dict, checkpoint_dir: Path) -> None:
+            sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+                sharded_state_dict, self.keep_only_main_replica)
+            dcp.save(mcore_to_pyt_state_dict(sharded_state_dict, False),
+                     storage_writer=dcp.FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                     planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                              flatten_state_dict=False))
+
+    return StreamingTorchDistSaveStrategy("torch_dist", 1, thread_count=1)
+
+
 def save_dist_checkpoint(model, out_dir: Path, *, prefix: str = "") -> None:
     from megatron.core import dist_checkpointing
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    dist_checkpointing.save(model.sharded_state_dict(prefix=prefix), str(out_dir))
+    dist_checkpointing.save(model.sharded_state_dict(prefix=prefix), str(out_dir),
+                            sharded_strategy=_streaming_save_strategy())
 
 
 # local-spec name <-> TE-spec name of the layer norms folded into the following linear layer: a checkpoint
@@ -261,6 +339,37 @@ def _norm_alias(key: str) -> str | None:
     return None
 
 
+def _tiles(target: torch.Tensor, parts: list) -> bool:
+    """Whether ``parts`` are contiguous views that cover ``target``'s memory in order, end to end."""
+    if not target.is_contiguous() or not all(isinstance(p, torch.Tensor) and p.is_contiguous() for p in parts):
+        return False
+    pointer = target.data_ptr()
+    for part in parts:
+        if part.data_ptr() != pointer or part.dtype != target.dtype:
+            return False
+        pointer += part.numel() * part.element_size()
+    return pointer == target.data_ptr() + target.numel() * target.element_size()
+
+
+def _merge_factories_in_place(sharded: dict) -> None:
+    """Skip the copy of a factory merge when the pieces were loaded into the parameter itself.
+
+    A factory (e.g. the gate/up halves of a SwiGLU ``linear_fc1``) splits a parameter into views, the
+    checkpoint is read into those views, and megatron's merge concatenates them into a new tensor -- a
+    copy of every ``linear_fc1`` held at once until ``load_state_dict`` copies it back. When the loaded
+    pieces tile the parameter, the parameter already is the merged tensor.
+    """
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
+    for factory in sharded.values():
+        if isinstance(factory, ShardedTensorFactory):
+            def merge(parts, target=factory.data, original=factory.merge_fn):
+                pieces = parts if isinstance(parts, list) else [parts]
+                return target if _tiles(target, pieces) else original(parts)
+
+            factory.merge_fn = merge
+
+
 def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
     """Load a dist checkpoint into ``model`` under the current TP/PP (the checkpoint's own TP/PP is irrelevant)."""
     from megatron.core import dist_checkpointing
@@ -275,6 +384,7 @@ def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
     if absent:
         raise ConversionError(f"{ckpt_dir}: the checkpoint lacks {len(absent)} tensors this model needs, e.g. "
                               f"{absent[:3]}; was it converted from a model of this shape?")
+    _merge_factories_in_place(sharded)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict="log_unexpected")
     if prefix:
         loaded = {k[len(prefix):]: v for k, v in loaded.items()}
@@ -527,8 +637,10 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
         load_dist_checkpoint(model, weights, prefix=prefix)
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         spec = _param_spec(state)
-        named = [pair for name, tensor in state.items() if not name.endswith("_extra_state")
-                 for pair in megatron_tensor_to_hf(name, tensor, dims, spec)]
+        # views, not split copies: a split QKV is materialised only while its shard is written
+        named = [(hf_name, view, _hf_shape(view))
+                 for name, tensor in state.items() if not name.endswith("_extra_state")
+                 for hf_name, view in megatron_to_hf_views(name, tensor, dims, spec)]
         named.sort(key=lambda item: _hf_order(item[0]))
         with atomic_output(out_dir, overwrite=overwrite) as tmp:
             write_hf_shards(named, tmp, max_shard_size=_bytes(max_shard_size), progress=progress)
@@ -551,6 +663,11 @@ def _hf_config_for_disk(hf: Mapping[str, Any]) -> dict:
     config = LlamaConfig(**fields)
     config.architectures = ["LlamaForCausalLM"]
     return config.to_dict()
+
+
+def _hf_shape(view: torch.Tensor) -> tuple[int, ...]:
+    """The HF shape of a layout view: its rows are the leading dims flattened (q/k/v are [groups, rows, in])."""
+    return tuple(view.shape) if view.dim() <= 2 else (math.prod(view.shape[:-1]), view.shape[-1])
 
 
 def _hf_order(name: str) -> tuple:

@@ -71,13 +71,21 @@ def fuse_qkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dims: LlamaDims)
     return fused.reshape(dims.qkv_rows, *rest)
 
 
-def split_qkv(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Inverse of :func:`fuse_qkv`; also splits a LoRA ``linear_out`` of the fused qkv (trailing dim = rank)."""
+def qkv_views(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Views of q, k, v inside a fused ``linear_qkv``, shaped [groups, rows per group, ...]: each holds its HF
+    tensor's elements in the HF tensor's row-major order (write into them to fuse, reshape them to split)."""
     g, hd, rest = dims.groups, dims.head_dim, tuple(qkv.shape[1:])
     if qkv.shape[0] != dims.qkv_rows:
         raise ValueError(f"linear_qkv has {qkv.shape[0]} rows, expected (heads + 2*groups)*head_dim = {dims.qkv_rows}")
-    grouped = qkv.reshape(g, (dims.heads_per_group + 2) * hd, *rest)
+    grouped = qkv.view(g, (dims.heads_per_group + 2) * hd, *rest)
     q, k, v = torch.split(grouped, [dims.heads_per_group * hd, hd, hd], dim=1)
+    return q, k, v
+
+
+def split_qkv(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Inverse of :func:`fuse_qkv`; also splits a LoRA ``linear_out`` of the fused qkv (trailing dim = rank)."""
+    q, k, v = qkv_views(qkv.contiguous(), dims)
+    g, hd, rest = dims.groups, dims.head_dim, tuple(qkv.shape[1:])
     return q.reshape(dims.heads * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest)
 
 
@@ -109,6 +117,9 @@ class Rule:
     to_megatron: Callable[[Sequence[torch.Tensor], LlamaDims], torch.Tensor] = _identity_in
     to_hf: Callable[[torch.Tensor, LlamaDims], tuple[torch.Tensor, ...]] = _identity_out
     tied_only_absent: bool = False  # the output layer: absent when embeddings are tied
+    # views of the HF tensors inside the Megatron tensor, each in its HF tensor's row-major element order
+    # (not necessarily its shape): lets the converters read into / write from the model without copies
+    views: Callable[[torch.Tensor, LlamaDims], tuple[torch.Tensor, ...]] = _identity_out
 
 
 def _layer_norm_names(spec: str) -> tuple[str, str]:
@@ -129,12 +140,12 @@ def llama_rules(spec: str = "local") -> tuple[Rule, ...]:
         Rule("decoder.layers.*.self_attention.linear_qkv.weight",
              ("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
               "model.layers.*.self_attn.v_proj.weight"),
-             to_megatron=lambda t, d: fuse_qkv(*t, d), to_hf=split_qkv),
+             to_megatron=lambda t, d: fuse_qkv(*t, d), to_hf=split_qkv, views=qkv_views),
         Rule("decoder.layers.*.self_attention.linear_proj.weight", ("model.layers.*.self_attn.o_proj.weight",)),
         Rule(mlp_norm, ("model.layers.*.post_attention_layernorm.weight",)),
         Rule("decoder.layers.*.mlp.linear_fc1.weight",
              ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
-             to_megatron=lambda t, d: fuse_gate_up(*t), to_hf=split_gate_up),
+             to_megatron=lambda t, d: fuse_gate_up(*t), to_hf=split_gate_up, views=split_gate_up),
         Rule("decoder.layers.*.mlp.linear_fc2.weight", ("model.layers.*.mlp.down_proj.weight",)),
         Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
         Rule("output_layer.weight", ("lm_head.weight",), tied_only_absent=True),
@@ -238,18 +249,32 @@ def hf_to_megatron_names(dims: LlamaDims, spec: str = "local") -> dict[str, tupl
             for r, layer in _expand(llama_rules(spec), dims)}
 
 
-def megatron_to_hf(name: str, tensor: torch.Tensor, dims: LlamaDims, spec: str = "local"
-                   ) -> list[tuple[str, torch.Tensor]]:
-    """One Megatron tensor -> its HF tensors (views where the rule splits)."""
+def _rule_for(name: str, dims: LlamaDims, spec: str) -> tuple[Rule | None, list[str]]:
+    """The rule of a Megatron name and its HF names (None, [] for a tied model's output layer)."""
     for rule in llama_rules(spec):
         match = _pattern(rule.megatron).match(name)
         if match is None:
             continue
         if rule.tied_only_absent and dims.tied:
-            return []
+            return None, []
         layer = int(match.group(1)) if match.groups() else None
-        return list(zip([_fill(n, layer) for n in rule.hf], rule.to_hf(tensor, dims)))
+        return rule, [_fill(n, layer) for n in rule.hf]
     raise KeyError(f"no HF name for Megatron parameter {name!r}")
+
+
+def megatron_to_hf(name: str, tensor: torch.Tensor, dims: LlamaDims, spec: str = "local"
+                   ) -> list[tuple[str, torch.Tensor]]:
+    """One Megatron tensor -> its HF tensors (views where the layout allows)."""
+    rule, hf_names = _rule_for(name, dims, spec)
+    return [] if rule is None else list(zip(hf_names, rule.to_hf(tensor, dims)))
+
+
+def megatron_to_hf_views(name: str, tensor: torch.Tensor, dims: LlamaDims, spec: str = "local"
+                         ) -> list[tuple[str, torch.Tensor]]:
+    """One Megatron tensor -> views of its HF tensors, each in its HF tensor's row-major element order
+    (``view.reshape(hf_shape)`` is the HF tensor; writing an HF tensor's elements into the view fuses it)."""
+    rule, hf_names = _rule_for(name, dims, spec)
+    return [] if rule is None else list(zip(hf_names, rule.views(tensor, dims)))
 
 
 def convert_state_dict_hf_to_megatron(hf_state: Mapping[str, torch.Tensor], dims: LlamaDims,

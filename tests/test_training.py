@@ -36,6 +36,15 @@ def test_same_losses_for_every_parallel_layout(parity):
     assert reference["4"] < reference["1"] - 0.01  # it learns on the bundled sample
 
 
+def test_tp2_x_pp2_on_four_ranks_gives_the_same_losses(parity, tiny_assets, tmp_path):
+    out = tmp_path / "tp2_pp2.json"
+    run_torchrun(REPO / "tests" / "dist" / "train_parity.py", out, tiny_assets["prep"], tiny_assets["mcore"],
+                 tiny_assets["base"], tmp_path / "runs", "tp2_pp2", nproc=4, timeout=900)
+    losses = json.loads(out.read_text())["layouts"]["tp2_pp2"]
+    for step, loss in parity[0]["layouts"]["dp2"].items():
+        assert abs(losses[step] - loss) <= 1e-5, (step, losses[step], loss)
+
+
 def test_checkpoint_saved_at_tp2_resumes_at_tp1(parity):
     results, runs = parity
     resumed, uninterrupted = results["tp2_resumed_at_tp1"], results["layouts"]["tp2"]
