@@ -155,10 +155,14 @@ def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):
 
 
 def base_reference(cfg: DictConfig) -> dict:
+    """Path + content hash of the frozen base: hashed once on rank 0 (8B = 16 GB read), shared with all."""
     from recipes.checkpointing import sha256_of_path
 
     path = cfg.model.checkpoint
-    return {"path": path, "sha256": sha256_of_path(path) if path else None, "model": cfg.model.name}
+    digest = [sha256_of_path(path) if path and distributed.is_rank_zero() else None]
+    if path:
+        torch.distributed.broadcast_object_list(digest, src=0)
+    return {"path": path, "sha256": digest[0], "model": cfg.model.name}
 
 
 def seq_length(cfg: DictConfig) -> int:
@@ -193,6 +197,7 @@ class TrainResult:
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
     from data_prep.tokenizer import load_tokenizer
+    from launchers.signals import PreemptionHandler
     from recipes.checkpointing import Checkpointer, complete_checkpoints
     from recipes.model import te_available
     from recipes.trainer import SupervisedTrainer
@@ -213,13 +218,7 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
     checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf),
                                 base_reference=base_reference(cfg), save_top_k=cfg.trainer.save_top_k,
                                 resume=cfg.run.resume_if_exists)
-    preemption = None
-    try:
-        from launchers.signals import PreemptionHandler
-
-        preemption = PreemptionHandler()
-    except ImportError:
-        pass
+    preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
     trainer = SupervisedTrainer(
         cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=None, train_samples=train_samples,
         val_samples=val_samples, pad_id=pad_id, seq_length=seq_length(cfg), hf_config=hf, run_dir=run_dir,
