@@ -60,13 +60,12 @@ def complete_checkpoints(root: Path) -> list[Path]:
 
 class Checkpointer:
     def __init__(self, root: Path, *, adapter_config: dict, base_reference: dict, save_top_k: int,
-                 resume: bool, resume_from: Optional[Path] = None):
+                 resume: bool):
         self.root = Path(root)
         self.adapter_config = adapter_config
         self.base_reference = base_reference
         self.save_top_k = save_top_k
         self.resume = resume
-        self.resume_from = resume_from
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self, trainer) -> Path:
@@ -134,8 +133,6 @@ class Checkpointer:
 
     # ---- load ------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
-        if self.resume_from is not None:
-            return self.resume_from
         if not self.resume:
             return None
         checkpoints = complete_checkpoints(self.root)
