@@ -3,13 +3,12 @@ conversions to / from the fused variant, merge, and the real Megatron LoRA modul
 
 import json
 import logging
-import tarfile
 
 import pytest
 import torch
-import yaml
 from safetensors.torch import load_file
-from test_adapter_export import ALPHA, DIM, FIXTURES, logits, peft_logits, random_adapter
+from test_adapter_export import (ALPHA, DIM, assert_nemo_matches_fixture, logits, peft_logits,
+                                 random_adapter)
 
 from converters import adapter_io, checkpoint
 from converters.checkpoint import read_hf_config
@@ -138,23 +137,13 @@ def test_load_adapter_converts_to_the_requested_variant(hf, canonical_dir, tmp_p
 
 
 def test_canonical_nemo_lora_layout_matches_nemo_fixture(hf, tmp_path, caplog):
-    expected = json.loads((FIXTURES / "nemo_lora_canonical_tiny.json").read_text())
-    expected_config = yaml.safe_load((FIXTURES / "nemo_lora_canonical_tiny_config.yaml").read_text())
     state, config = random_adapter(hf, variant="canonical", layer_selection=[2])
     adapter_dir = adapter_io.save_adapter(tmp_path / "adapter", state, config)
     out = tmp_path / "lora.nemo"
     with caplog.at_level(logging.WARNING, logger="nemotune.converters"):
         adapter_io.export_nemo_lora(adapter_dir, out)
     assert "only the fused qkv adapter" in caplog.text
-    with tarfile.open(out) as archive:
-        members = sorted(m.name.removeprefix("./") for m in archive.getmembers() if m.isfile())
-    assert members == sorted(expected["archive_members"])
-    weights, nemo_config = adapter_io.read_nemo_lora(out)
-    assert {k: list(v.shape) for k, v in weights.items()} == expected["keys"]
-    for key, value in expected_config.items():
-        assert nemo_config[key] == value, key
-    for key, tensor in state.items():
-        assert torch.equal(weights["model." + key], tensor)
+    assert_nemo_matches_fixture(out, "nemo_lora_canonical_tiny", state)
 
 
 def test_canonical_validation_reports_every_problem(hf, tmp_path):

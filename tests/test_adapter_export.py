@@ -13,7 +13,6 @@ import yaml
 from converters import adapter_io
 from converters.checkpoint import read_hf_config
 from converters.export import main as export_main
-from converters.mapping import LlamaDims
 from converters.tiny_model import write_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -120,23 +119,29 @@ def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(base, tmp_path)
     torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)
 
 
+def assert_nemo_matches_fixture(nemo_path, fixture: str, state) -> None:
+    """A .nemo LoRA's members, keys, shapes and YAML against a fixture written from NeMo's documented
+    layout (not from our writer), and its tensors against the adapter it was exported from."""
+    expected = json.loads((FIXTURES / f"{fixture}.json").read_text())
+    expected_config = yaml.safe_load((FIXTURES / f"{fixture}_config.yaml").read_text())
+    with tarfile.open(nemo_path) as archive:
+        members = sorted(m.name.removeprefix("./") for m in archive.getmembers() if m.isfile())
+    assert members == sorted(expected["archive_members"])
+    weights, config = adapter_io.read_nemo_lora(nemo_path)
+    assert {k: list(v.shape) for k, v in weights.items()} == expected["keys"]
+    for key, value in expected_config.items():
+        assert config[key] == value, key
+    for key, tensor in state.items():
+        assert torch.equal(weights["model." + key], tensor)
+
+
 def test_nemo_lora_layout_matches_nemo_fixture(adapter_dir, tmp_path, caplog):
-    expected = json.loads((FIXTURES / "nemo_lora_tiny.json").read_text())
-    expected_config = yaml.safe_load((FIXTURES / "nemo_lora_tiny_config.yaml").read_text())
     out = tmp_path / "lora.nemo"
     with caplog.at_level(logging.WARNING, logger="nemotune.converters"):
         assert export_main(["nemo", "--adapter", str(adapter_dir), "--out", str(out)]) == 0
     assert "only the qkv adapter" in caplog.text
-    with tarfile.open(out) as archive:
-        members = sorted(m.name.removeprefix("./") for m in archive.getmembers() if m.isfile())
-    assert members == sorted(expected["archive_members"])
-    weights, config = adapter_io.read_nemo_lora(out)
-    assert {k: list(v.shape) for k, v in weights.items()} == expected["keys"]
-    for key, value in expected_config.items():
-        assert config[key] == value, key
     state, _ = adapter_io.load_adapter(adapter_dir)
-    for key, tensor in state.items():
-        assert torch.equal(weights["model." + key], tensor)
+    assert_nemo_matches_fixture(out, "nemo_lora_tiny", state)
 
 
 def test_bad_adapter_reports_every_problem(base, tmp_path):
