@@ -123,7 +123,7 @@ def run_precision(args, precision: str) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from recipes import batches, distributed
+    from recipes import distributed
     from recipes.lora import LoraConfig, apply_lora
     from recipes.lora_sft import build_scheduler, wrap_for_training
     from recipes.model import build_gpt_model, te_available

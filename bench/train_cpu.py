@@ -356,7 +356,7 @@ def print_report(results: dict) -> None:
     print(f"step-1 loss (B = 0): ours {single['step1_loss']['ours']:.6f} | transformers+peft "
           f"{single['step1_loss']['peer']:.6f}")
     print(f"{'setup':<40} {'tokens/s':>10} {'tokens/CPU-s':>13}   (medians)")
-    rows = [(f"ours, 1 process", single["ours"]), ("transformers + peft, 1 process", single["peer"])]
+    rows = [("ours, 1 process", single["ours"]), ("transformers + peft, 1 process", single["peer"])]
     rows += [(f"ours, 2 processes {p.upper()[:2]}=2", results[p]) for p in ("tp2", "dp2") if p in results]
     for name, r in rows:
         print(f"{name:<40} {r['tokens_per_s']:10,.0f} {r['tokens_per_cpu_s']:13,.0f}")
