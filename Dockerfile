@@ -42,7 +42,7 @@ skip = re.compile(r"^(torch|triton|transformer[-_]engine)\b", re.I)
 print("\n".join(d for d in deps if not skip.match(d)))
 EOF
 RUN python -m pip install -c /etc/nemotune-image-constraints.txt -r /tmp/nemotune-deps.txt \
- && python -c "import torch, megatron.core, transformer_engine.pytorch, recipes, launchers, converters, data_prep; \
+ && python -c "import torch, megatron.core, transformer_engine.pytorch, nemotune.recipes, nemotune.launchers, nemotune.converters, nemotune.data_prep; \
 print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
 
 # No network at run time: models, tokenizers and datasets come from mounted paths / the HF cache.

@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: setup
-	$(PY) -m recipes.demo
+	$(PY) -m nemotune.recipes.demo
 
 test: setup
 	$(PY) -m pytest -q tests

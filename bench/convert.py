@@ -30,22 +30,22 @@ def child(step: str, work: Path, layers: int) -> dict:
     start = time.perf_counter()
     hf, meg, back = work / "hf", work / "megatron", work / "hf-back"
     if step == "write":
-        from converters.tiny_model import write_tiny_llama
+        from nemotune.converters.tiny_model import write_tiny_llama
 
         write_tiny_llama(hf, seed=0, num_layers=layers, hidden=2048, heads=16, kv_heads=4, ffn=5632, vocab=32000,
                          max_shard_size="500MB", copy_tokenizer=False)
     elif step == "hf-to-megatron":
-        from converters.checkpoint import hf_to_megatron
+        from nemotune.converters.checkpoint import hf_to_megatron
 
         hf_to_megatron(hf, meg, overwrite=True, progress=False)
     elif step == "megatron-to-hf":
-        from converters.checkpoint import megatron_to_hf
+        from nemotune.converters.checkpoint import megatron_to_hf
 
         megatron_to_hf(meg, back, max_shard_size="500MB", overwrite=True, progress=False)
     elif step == "verify-bit-exact":
         from safetensors import safe_open
 
-        from converters.checkpoint import hf_weight_map
+        from nemotune.converters.formats.checkpoint import hf_weight_map
 
         original, converted = hf_weight_map(hf), hf_weight_map(back)
         assert original.keys() == converted.keys()

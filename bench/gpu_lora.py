@@ -1,14 +1,14 @@
 """LoRA training throughput of the Nano-8B shape on one GPU: tokens/s/GPU, model TFLOP/s/GPU, MFU, peak memory.
 
 The model is nvidia/Llama-3.1-Nemotron-Nano-8B-v1's shape (conf/model/nemotron_nano_8b.yaml `hf_config`) with
-random weights: nothing is downloaded. It is built by recipes.model.build_gpt_model (Transformer Engine spec
+random weights: nothing is downloaded. It is built by nemotune.recipes.engine.model.build_gpt_model (Transformer Engine spec
 when TE imports and CUDA is present), gets LoRA dim 8 / alpha 16 on all linear layers through
-recipes.lora.apply_lora (the trainer's default variant), and is wrapped exactly as training wraps it
-(recipes.lora_sft.wrap_for_training: megatron DDP + optimizer). Every timed step is
+nemotune.recipes.engine.lora.apply_lora (the trainer's default variant), and is wrapped exactly as training wraps it
+(nemotune.recipes.lora_sft.wrap_for_training: megatron DDP + optimizer). Every timed step is
 `SupervisedTrainer.train_step` -- the training loop's own step (megatron's get_forward_backward_func,
 answer-only per-token loss, THD packed sequences with cu_seqlens under TE) -- and its figures are the
 ones the trainer logs: train/tokens_per_sec_per_gpu, train/tflops_per_gpu, train/mfu (FLOPs from
-recipes/flops.py, the one formula: 2/3 of dense full-FT matmul FLOPs + causal attention per document,
+recipes/engine/flops.py, the one formula: 2/3 of dense full-FT matmul FLOPs + causal attention per document,
 real tokens only), peak memory.
 
 Data: synthetic packs of exactly `--seq` tokens (default 4096), each a run of documents whose lengths are
@@ -18,7 +18,7 @@ each document (the prompt) out of the loss. `--micro-batches` packs of one per s
 
 Precisions: bf16 (TE spec), then fp8 (TE, `hybrid` format, `--fp8-recipe`, default delayed scaling) where
 the GPU supports it (compute capability >= 8.9 and TE says so). MFU is against the dense bf16 peak
-(recipes.flops.PEAK_BF16_TFLOPS) for both, as published LoRA MFU figures are.
+(nemotune.recipes.engine.flops.PEAK_BF16_TFLOPS) for both, as published LoRA MFU figures are.
 
     python bench/gpu_lora.py                        # on a GPU machine: bf16 + fp8, ~5-8 min with start-up
     python bench/gpu_lora.py --precisions bf16 --steps 20
@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from recipes.flops import PEAK_BF16_TFLOPS, lora_step_flops
+from nemotune.recipes.engine.flops import PEAK_BF16_TFLOPS, lora_step_flops
 
 TARGETS = {"bf16": 15_000, "fp8": 27_000}
 PEER = "NeMo AutoModel, Llama-3-8B LoRA, 1x H100 bf16 seq 4096: 12,473 tokens/s/GPU (40.6% MFU), published"
@@ -58,7 +58,7 @@ def document_lengths(count: int, rng: np.random.Generator, median: float = 300.0
 
 def synthetic_packs(num_packs: int, pack_size: int, vocab_size: int, seed: int = 0) -> list:
     """Packs of exactly pack_size tokens: consecutive documents, the last one cut to fit."""
-    from recipes.batches import Sample
+    from nemotune.recipes.engine.batches import Sample
 
     rng = np.random.default_rng(seed)
     packs = []
@@ -101,7 +101,7 @@ def fp8_support() -> tuple[bool, str]:
 
 
 def compose_config(args, run_dir: Path):
-    from recipes.config import compose
+    from nemotune.recipes.engine.config import compose
 
     overrides = [f"model={'tiny' if args.tiny else args.model}", "parallel=single", f"peft.lora.dim={args.lora_dim}",
                  f"peft.lora.alpha={args.lora_alpha}", "peft.lora.target_modules=[all-linear]",
@@ -123,11 +123,11 @@ def run_precision(args, precision: str) -> dict:
     import torch
     from omegaconf import OmegaConf
 
-    from recipes import distributed
-    from recipes.lora import LoraConfig, apply_lora
-    from recipes.lora_sft import build_scheduler, wrap_for_training
-    from recipes.model import build_gpt_model, te_available
-    from recipes.trainer import SupervisedTrainer
+    from nemotune.recipes.engine import distributed
+    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
+    from nemotune.recipes.engine.model import build_gpt_model, te_available
+    from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     with tempfile.TemporaryDirectory(prefix="bench_gpu_lora_") as tmp:
         cfg = compose_config(args, Path(tmp))
@@ -200,8 +200,8 @@ def dry_run(args) -> dict:
     """Shapes and FLOP accounting only (meta device): runs anywhere in seconds."""
     from omegaconf import OmegaConf
 
-    from recipes.lora import LoraConfig, apply_lora
-    from recipes.model import build_gpt_model
+    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.model import build_gpt_model
 
     cfg = compose_config(args, Path(tempfile.gettempdir()))
     hf = OmegaConf.to_container(cfg.model.hf_config, resolve=True)
@@ -252,7 +252,7 @@ def main(argv=None) -> int:
         print(f"step: {args.micro_batches} packs x {args.seq} tokens, {plan['documents_per_pack']:.1f} documents "
               f"per pack (median {plan['median_document_tokens']:.0f} tokens)")
         print(f"FLOPs per step {plan['flops_per_step']:.4e} ({plan['flops_per_token'] / 1e9:.2f} GFLOP/token, "
-              f"recipes/flops.py); 1x H100 at 100% MFU = {plan['h100_ceiling_tokens_per_s_at_100pct_mfu']:,.0f} "
+              f"recipes/engine/flops.py); 1x H100 at 100% MFU = {plan['h100_ceiling_tokens_per_s_at_100pct_mfu']:,.0f} "
               f"tokens/s, at 50% = {plan['tokens_per_s_at_50pct_mfu']:,.0f}")
     else:
         if args.device == "cuda" and not torch.cuda.is_available():
@@ -261,7 +261,7 @@ def main(argv=None) -> int:
             return 2
         device_name = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
         results["device"] = device_name
-        from recipes.model import te_available
+        from nemotune.recipes.engine.model import te_available
 
         if args.device == "cuda" and not te_available():
             print("WARNING: transformer_engine does not import: the local (unfused) spec runs, not the benchmark's "
@@ -281,7 +281,7 @@ def main(argv=None) -> int:
                 continue
             results[label] = run_precision(args, precision)
             results[label]["precision"] = label
-        from recipes import distributed
+        from nemotune.recipes.engine import distributed
 
         distributed.destroy_distributed()
         print()

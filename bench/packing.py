@@ -22,7 +22,7 @@ SHARED_FIQA = REPO.parent / "shared" / "data" / "fiqa" / "test.jsonl"
 
 
 def datasets_to_bench() -> dict[str, list[tuple[str, str]]]:
-    from data_prep.make_sample import SAMPLE_DIR
+    from nemotune.data_prep.make_sample import SAMPLE_DIR
 
     sets = {}
     if SHARED_FIQA.is_file():
@@ -40,8 +40,8 @@ def datasets_to_bench() -> dict[str, list[tuple[str, str]]]:
 
 
 def token_lengths(pairs, tokenizer, max_len: int) -> list[int]:
-    from data_prep import templating
-    from data_prep.config import FIQA_SYSTEM_PROMPT
+    from nemotune.data_prep import templating
+    from nemotune.data_prep.config import FIQA_SYSTEM_PROMPT
 
     lengths = []
     for question, answer in pairs:
@@ -60,8 +60,8 @@ def main(argv=None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     args = parser.parse_args(argv)
 
-    from data_prep import packing
-    from data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep import packing
+    from nemotune.data_prep.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     print(f"command: python {shlex.join(['bench/packing.py', *(argv if argv is not None else sys.argv[1:])])}")

@@ -17,7 +17,7 @@ SHARED_FIQA = REPO.parent / "shared" / "data" / "fiqa" / "test.jsonl"
 
 
 def configs(out_root: Path) -> dict:
-    from data_prep.config import DataConfig, FieldsConfig
+    from nemotune.data_prep.config import DataConfig, FieldsConfig
 
     sets = {"fiqa_sample": DataConfig(name="fiqa_sample", source="local", path="nemotune/fiqa_sample",
                                       max_seq_length=4096, pack_size=4096)}
@@ -39,9 +39,9 @@ def main(argv=None) -> None:
     parser.add_argument("--tokenizer", default="nemotune/tiny")
     args = parser.parse_args(argv)
 
-    from data_prep import pipeline
-    from data_prep.sources import load_rows, to_examples
-    from data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep import pipeline
+    from nemotune.data_prep.sources import load_rows, to_examples
+    from nemotune.data_prep.tokenizer import load_tokenizer
 
     print(f"command: python {shlex.join(['bench/prep.py', *(argv if argv is not None else sys.argv[1:])])}")
     tokenizer = load_tokenizer(args.tokenizer)

@@ -1,13 +1,13 @@
 """LoRA training throughput on this CPU: our recipe vs transformers + peft, on the same work.
 
 Same work on both sides:
-  model     the tiny Llama (`python -m converters.tiny_model`): HF weights for the peer, their
+  model     the tiny Llama (`python -m nemotune.converters.tiny_model`): HF weights for the peer, their
             `hf-to-megatron` conversion for ours; fp32 (our CPU default)
   LoRA      rank 8, alpha 16, dropout 0, all-linear (q, k, v, o, gate, up, down; our default `canonical`
             variant has one A/B per HF projection exactly like PEFT), B = 0 at the start
   data      the bundled FiQA sample prepared by `nemotune prep` (packed 1024); global batch 4 packs,
             micro-batch 1, so a step = 4 forward/backward passes of one pack + one optimizer step; the
-            same global batches in the same order (recipes.batches.global_batch_indices)
+            same global batches in the same order (nemotune.recipes.engine.batches.global_batch_indices)
   packing   PACKED FOR BOTH: each pack is one sequence with positions restarting at every document.
             Ours masks with its block-diagonal causal mask; transformers (>= 4.54) derives the same
             block-diagonal causal mask from the restarting position_ids when attention_mask is None.
@@ -58,11 +58,11 @@ def build_inputs(work: Path) -> dict:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     steps = []
     if not (hf / "config.json").is_file():
-        steps.append(["converters.tiny_model", "--out", str(hf)])
+        steps.append(["nemotune.converters.tiny_model", "--out", str(hf)])
     if not mcore.is_dir():
-        steps.append(["converters.convert", "hf-to-megatron", "--hf", str(hf), "--out", str(mcore), "--no-progress"])
+        steps.append(["nemotune.converters.convert", "hf-to-megatron", "--hf", str(hf), "--out", str(mcore), "--no-progress"])
     if not (prep / "manifest.json").is_file():
-        steps.append(["data_prep", "data=fiqa_sample", "model=tiny", f"data.output_dir={prep}", "--quiet"])
+        steps.append(["nemotune.data_prep", "data=fiqa_sample", "model=tiny", f"data.output_dir={prep}", "--quiet"])
     for args in steps:
         print(f"[inputs] python -m {' '.join(args)}", flush=True)
         subprocess.run([sys.executable, "-m", *args], check=True, cwd=REPO, env=env, stdout=subprocess.DEVNULL)
@@ -75,10 +75,10 @@ class Ours:
     name = "nemotune (megatron-core)"
 
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
-        from data_prep.tokenizer import load_tokenizer
-        from recipes import lora_sft
-        from recipes.config import compose, validate
-        from recipes.trainer import SupervisedTrainer
+        from nemotune.data_prep.tokenizer import load_tokenizer
+        from nemotune.recipes import lora_sft
+        from nemotune.recipes.engine.config import compose, validate
+        from nemotune.recipes.engine.trainer import SupervisedTrainer
 
         cfg = compose("lora_sft", ["experiment=tiny_lora", f"parallel={parallel}", f"model.hf_path={inputs['hf']}",
                                    f"model.checkpoint={inputs['mcore']}", f"data.output_dir={inputs['prep']}",
@@ -140,7 +140,7 @@ class TransformersPeft:
         import torch
         import torch.nn.functional as F
 
-        from recipes import batches
+        from nemotune.recipes.engine import batches
 
         micro = [batches.collate([self.samples[i] for i in indices[k:k + self.micro_batch_size]], self.pad_id)
                  for k in range(0, len(indices), self.micro_batch_size)]
@@ -163,7 +163,7 @@ class TransformersPeft:
 # ---- timing ----------------------------------------------------------------------------------------
 
 def batch_plan(num_samples: int, global_batch_size: int, steps: int, seed: int, offset: int = 0):
-    from recipes import batches
+    from nemotune.recipes.engine import batches
 
     return [batches.global_batch_indices(num_samples, global_batch_size, (offset + s) * global_batch_size, seed)[0]
             for s in range(steps)]
@@ -271,7 +271,7 @@ def worker(args) -> None:
     """One rank of a torchrun job: ours at --parallel, rank 0 prints the result line."""
     import torch
 
-    from recipes import distributed
+    from nemotune.recipes.engine import distributed
 
     torch.set_num_threads(args.threads)
     inputs = {"hf": Path(args.hf), "mcore": Path(args.mcore), "prep": Path(args.prep)}

@@ -1,10 +1,10 @@
 """`nemotune convert`: checkpoint conversion between HF Llama, Megatron dist checkpoints and NeMo .nemo.
 
-    python -m converters.convert hf-to-megatron --hf DIR --out DIR
-    python -m converters.convert hf-to-nemo     --hf DIR --out FILE.nemo
-    python -m converters.convert megatron-to-hf --ckpt DIR --out DIR
-    python -m converters.convert nemo-to-hf     --nemo FILE.nemo --out DIR
-    python -m converters.convert verify         --hf DIR --ckpt DIR_OR_NEMO [--tolerance 1e-5] [--adapter DIR]
+    python -m nemotune.converters.convert hf-to-megatron --hf DIR --out DIR
+    python -m nemotune.converters.convert hf-to-nemo     --hf DIR --out FILE.nemo
+    python -m nemotune.converters.convert megatron-to-hf --ckpt DIR --out DIR
+    python -m nemotune.converters.convert nemo-to-hf     --nemo FILE.nemo --out DIR
+    python -m nemotune.converters.convert verify         --hf DIR --ckpt DIR_OR_NEMO [--tolerance 1e-5] [--adapter DIR]
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import argparse
 import sys
 
 EPILOG = """examples:
-  python -m converters.convert hf-to-megatron --hf ckpts/Llama-3.1-Nemotron-Nano-8B-v1 --out ckpts/nano-mcore
-  python -m converters.convert verify --hf ckpts/Llama-3.1-Nemotron-Nano-8B-v1 --ckpt ckpts/nano-mcore
+  python -m nemotune.converters.convert hf-to-megatron --hf ckpts/Llama-3.1-Nemotron-Nano-8B-v1 --out ckpts/nano-mcore
+  python -m nemotune.converters.convert verify --hf ckpts/Llama-3.1-Nemotron-Nano-8B-v1 --ckpt ckpts/nano-mcore
 Outputs are written to a temporary sibling and renamed into place only when complete."""
 
 
@@ -61,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from converters import checkpoint
+    from nemotune.converters import checkpoint
 
     args = build_parser().parse_args(argv)
     try:

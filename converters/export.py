@@ -1,8 +1,8 @@
 """`nemotune export`: a trained LoRA adapter -> HF PEFT (vLLM, NIM, transformers), NeMo .nemo LoRA, or merged HF.
 
-    python -m converters.export hf-peft --adapter RUN/checkpoints/last/adapter --out DIR [--base-model NAME]
-    python -m converters.export nemo    --adapter ADAPTER_DIR --out lora.nemo
-    python -m converters.export merge   --adapter ADAPTER_DIR --base HF_DIR --out DIR
+    python -m nemotune.converters.export hf-peft --adapter RUN/checkpoints/last/adapter --out DIR [--base-model NAME]
+    python -m nemotune.converters.export nemo    --adapter ADAPTER_DIR --out lora.nemo
+    python -m nemotune.converters.export merge   --adapter ADAPTER_DIR --base HF_DIR --out DIR
 """
 
 from __future__ import annotations
@@ -41,8 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from converters import adapter_io
-    from converters.checkpoint import ConversionError
+    from nemotune.converters.formats import adapters as adapter_io
+    from nemotune.converters.formats.checkpoint import ConversionError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")

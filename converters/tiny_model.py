@@ -5,7 +5,7 @@ The checkpoint is a real ``LlamaForCausalLM`` saved by ``transformers`` (sharded
 The vocabulary defaults to 1024 to match the tiny tokenizer shipped in ``data_prep/assets/tiny_tokenizer``,
 whose files are copied beside the weights when that tokenizer is available.
 
-    python -m converters.tiny_model --out /tmp/tiny-llama
+    python -m nemotune.converters.tiny_model --out /tmp/tiny-llama
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ def tiny_llama_config(
 
 def _tiny_tokenizer_dir() -> Path | None:
     try:
-        from data_prep.tokenizer import tiny_tokenizer_dir
+        from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
     except ImportError:
         return None
     path = Path(tiny_tokenizer_dir())
@@ -118,7 +118,7 @@ def write_tiny_llama(
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m converters.tiny_model",
+        prog="python -m nemotune.converters.tiny_model",
         description="Write a seeded random Llama checkpoint (HF layout, safetensors) for tests and benches.",
     )
     parser.add_argument("--out", required=True, help="output directory")

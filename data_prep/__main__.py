@@ -1,5 +1,5 @@
 import sys
 
-from data_prep.cli import main
+from nemotune.data_prep.cli import main
 
 sys.exit(main())

@@ -1,4 +1,4 @@
-"""`python -m data_prep [--validate-only] [--skip-bad] [hydra overrides...]` (also `nemotune prep ...`)."""
+"""`python -m nemotune.data_prep [--validate-only] [--skip-bad] [hydra overrides...]` (also `nemotune prep ...`)."""
 from __future__ import annotations
 
 import argparse
@@ -8,17 +8,17 @@ from pathlib import Path
 EPILOG = """\
 Configuration is composed with Hydra from conf/prep.yaml (groups: model=, data=); any key can be overridden:
 
-  python -m data_prep                                   # bundled FiQA sample + tiny tokenizer -> work/prep/fiqa_sample
-  python -m data_prep data=fiqa model=nemotron_nano_8b  # the real FiQA from the HF hub, the model's tokenizer
-  python -m data_prep data=fiqa data.path=/data/fiqa    # a local copy of FiQA ({train,validation,test}.jsonl)
-  python -m data_prep data=fiqa_sample data.source=local data.path=my.jsonl \\
+  python -m nemotune.data_prep                                   # bundled FiQA sample + tiny tokenizer -> work/prep/fiqa_sample
+  python -m nemotune.data_prep data=fiqa model=nemotron_nano_8b  # the real FiQA from the HF hub, the model's tokenizer
+  python -m nemotune.data_prep data=fiqa data.path=/data/fiqa    # a local copy of FiQA ({train,validation,test}.jsonl)
+  python -m nemotune.data_prep data=fiqa_sample data.source=local data.path=my.jsonl \\
       data.fields.prompt=question data.fields.response=answer data.name=mine   # any file, field mapping
-  python -m data_prep data.format=messages data.path=chat.jsonl   # Nemotron {"messages": [...]} JSONL
-  python -m data_prep data.format=nemo_chat data.path=chat.jsonl  # NeMo {"system","conversations","mask"}
-  python -m data_prep data.system_prompt_mode=thinking_off        # Nemotron "detailed thinking off" line
-  python -m data_prep data.pack_size=8192 data.max_seq_length=8192 data.pad_seq_to_mult=4 data.num_proc=2
-  python -m data_prep tokenizer=/models/llama31/             # tokenizer dir (default: ${model.tokenizer})
-  python -m data_prep --validate-only data.path=raw.jsonl    # list every problem with file:line, write nothing
+  python -m nemotune.data_prep data.format=messages data.path=chat.jsonl   # Nemotron {"messages": [...]} JSONL
+  python -m nemotune.data_prep data.format=nemo_chat data.path=chat.jsonl  # NeMo {"system","conversations","mask"}
+  python -m nemotune.data_prep data.system_prompt_mode=thinking_off        # Nemotron "detailed thinking off" line
+  python -m nemotune.data_prep data.pack_size=8192 data.max_seq_length=8192 data.pad_seq_to_mult=4 data.num_proc=2
+  python -m nemotune.data_prep tokenizer=/models/llama31/             # tokenizer dir (default: ${model.tokenizer})
+  python -m nemotune.data_prep --validate-only data.path=raw.jsonl    # list every problem with file:line, write nothing
 
 Outputs (data.output_dir, default work/prep/<data.name>): manifest.json, splits.csv, config.json,
 <split>.messages.jsonl, <split>.tokenized.jsonl, <split>/packed_<pack_size>_seed<seed>.npy (+ .parquet, metadata).
@@ -27,7 +27,7 @@ Everything is written to a temp dir and renamed at the end: an error leaves no p
 
 
 def default_config_dir() -> Path:
-    import conf
+    import nemotune.conf as conf
 
     return Path(conf.__file__).resolve().parent
 
@@ -37,7 +37,7 @@ def compose(overrides: list[str], config_dir: str | Path | None = None, config_n
     from hydra import compose as hydra_compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from data_prep.formats import DataPrepError
+    from nemotune.data_prep.formats import DataPrepError
 
     directory = Path(config_dir).resolve() if config_dir else default_config_dir()
     try:
@@ -46,14 +46,14 @@ def compose(overrides: list[str], config_dir: str | Path | None = None, config_n
         OmegaConf.resolve(cfg)
     except Exception as exc:  # Hydra/OmegaConf name the offending key or group in their message
         raise DataPrepError(f"config ({directory}/{config_name}.yaml + overrides {list(overrides)}): {exc}\n"
-                            f"fix: see `python -m data_prep --help` and `--cfg` for the composed keys") from exc
+                            f"fix: see `python -m nemotune.data_prep --help` and `--cfg` for the composed keys") from exc
     return cfg
 
 
 def tokenizer_name(cfg) -> str:
     name = cfg.get("tokenizer") or (cfg.get("model") or {}).get("tokenizer")
     if not name:
-        from data_prep.formats import DataPrepError
+        from nemotune.data_prep.formats import DataPrepError
 
         raise DataPrepError("no tokenizer: set model.tokenizer (model=tiny gives nemotune/tiny) or tokenizer=<dir>")
     return str(name)
@@ -61,7 +61,7 @@ def tokenizer_name(cfg) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m data_prep",
+        prog="python -m nemotune.data_prep",
         description="Turn a dataset into what training reads: chat JSONL -> chat-templated tokens with answer-only "
                     "loss masks -> packed sequences, deterministically, with a manifest of hashes.",
         epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -79,9 +79,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from omegaconf import OmegaConf
 
-    from data_prep.config import check_data_config
-    from data_prep.formats import DataPrepError
-    from data_prep.pipeline import run
+    from nemotune.data_prep.config import check_data_config
+    from nemotune.data_prep.formats import DataPrepError
+    from nemotune.data_prep.pipeline import run
 
     try:
         cfg = compose(args.overrides, args.config_dir, args.config_name)

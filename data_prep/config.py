@@ -64,7 +64,7 @@ def check_data_config(data: Any) -> DataConfig:
     """Merge a composed `data` node onto DataConfig (type-checks keys) and collect every value problem."""
     from omegaconf import OmegaConf
 
-    from data_prep.formats import DataPrepError
+    from nemotune.data_prep.formats import DataPrepError
 
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data)

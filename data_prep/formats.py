@@ -63,7 +63,7 @@ def packed_metadata_path(out: str | Path, split: str, pack_size: int, seed: int)
 def read_manifest(out: str | Path) -> dict:
     path = Path(out) / MANIFEST
     if not path.is_file():
-        raise DataPrepError(f"{path}: no manifest; prepare the data first: python -m data_prep data.output_dir={out}")
+        raise DataPrepError(f"{path}: no manifest; prepare the data first: python -m nemotune.data_prep data.output_dir={out}")
     return json.loads(path.read_text(encoding="utf-8"))
 
 

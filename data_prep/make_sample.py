@@ -6,8 +6,8 @@ shape of answer lengths (median ~150 words, ~25% under 100 words, a long tail pa
 composed from hand-written topic banks (personal finance, investing, taxes, retirement, credit, mortgages,
 stocks/bonds/ETFs, small business, ...) by a seeded generator: re-running writes byte-identical files.
 
-    python -m data_prep.make_sample            # rewrites the files in the package
-    python -m data_prep.make_sample --out DIR  # writes elsewhere
+    python -m nemotune.data_prep.make_sample            # rewrites the files in the package
+    python -m nemotune.data_prep.make_sample --out DIR  # writes elsewhere
 """
 from __future__ import annotations
 

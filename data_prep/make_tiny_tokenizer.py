@@ -5,8 +5,8 @@ Llama 3 pre-tokenizer regex, Llama 3 special tokens and a Llama 3.1-style chat t
 it in place of the 128k-entry Llama/Nemotron tokenizer, which cannot be downloaded here; everything in
 data_prep goes through the same `AutoTokenizer` / `apply_chat_template` code path either way.
 
-    python -m data_prep.make_tiny_tokenizer            # rewrites the package's files (byte-identical)
-    python -m data_prep.make_tiny_tokenizer --out DIR
+    python -m nemotune.data_prep.make_tiny_tokenizer            # rewrites the package's files (byte-identical)
+    python -m nemotune.data_prep.make_tiny_tokenizer --out DIR
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from data_prep.make_sample import SAMPLE_DIR
+from nemotune.data_prep.make_sample import SAMPLE_DIR
 
 TOKENIZER_DIR = Path(__file__).resolve().parent / "assets" / "tiny_tokenizer"
 VOCAB_SIZE = 1024

@@ -12,12 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from data_prep import formats, packing, templating
-from data_prep.config import DataConfig
-from data_prep.formats import DataPrepError
-from data_prep.sources import Example, Problem, load_rows, to_examples
-from data_prep.splitting import length_buckets, stratified_split
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from nemotune.data_prep import formats, packing, templating
+from nemotune.data_prep.config import DataConfig
+from nemotune.data_prep.formats import DataPrepError
+from nemotune.data_prep.sources import Example, Problem, load_rows, to_examples
+from nemotune.data_prep.splitting import length_buckets, stratified_split
+from nemotune.data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
 
 FORMAT_VERSION = 1
 CHUNK = 32

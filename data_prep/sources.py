@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from data_prep.config import DataConfig
-from data_prep.formats import DataPrepError, from_nemo_chat, messages_problems
+from nemotune.data_prep.config import DataConfig
+from nemotune.data_prep.formats import DataPrepError, from_nemo_chat, messages_problems
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SAMPLE_PREFIX = "nemotune/"

@@ -1,10 +1,4 @@
-"""Launchers: local torchrun and multi-node Slurm (sbatch, pyxis containers), with dry-run rendering.
+"""Launchers: local torchrun and multi-node Slurm (sbatch, pyxis containers), rendered from the cluster config.
 
-`python -m launchers experiment=<name> cluster=slurm cluster.nodes=4 [--dry-run]` (= `nemotune launch`).
+The `nemotune launch` story (compose, validate, then run or submit) is `nemotune.recipes.launch`.
 """
-
-
-def main(argv=None) -> int:
-    from launchers.cli import main as _main
-
-    return _main(argv)

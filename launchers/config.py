@@ -1,6 +1,6 @@
 """The `cluster` config group: where and how a run is launched (conf/cluster/*.yaml).
 
-`ClusterConfig` is the typed schema (the root schema in recipes/config.py nests it under `cluster`, so an
+`ClusterConfig` is the typed schema (the root schema in recipes/engine/config.py nests it under `cluster`, so an
 unknown key fails at composition); `validate_cluster(cfg)` checks what types cannot and returns every
 problem at once, each naming its key and the fix.
 """
@@ -53,7 +53,7 @@ class ClusterConfig:
     workdir: Optional[str] = None
     # interpreter that runs torchrun (null = this interpreter; `python` inside a container)
     python: Optional[str] = None
-    # what torchrun starts: a module (`-m`) or a .py script; null = recipes.lora_sft (recipes.two_stage
+    # what torchrun starts: a module (`-m`) or a .py script; null = nemotune.recipes.lora_sft (nemotune.recipes.two_stage
     # for an experiment with stages)
     module: Optional[str] = None
     # shell lines run before srun (module load ..., source env)

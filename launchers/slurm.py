@@ -9,7 +9,7 @@ the job's srun steps (proctrack signals the whole step), i.e. the torchrun agent
 with `B:` only the batch shell would get it and would have to forward it. The torchrun agent would die
 of an unhandled SIGUSR1, so each node task starts it with USR1 ignored (`trap '' USR1; exec ...`, an
 ignored disposition survives exec); the training ranks install their own handler
-(launchers.signals.PreemptionHandler), agree collectively to stop, save a checkpoint, ask for a requeue
+(nemotune.recipes.engine.preemption.PreemptionHandler), agree collectively to stop, save a checkpoint, ask for a requeue
 (rank 0 touches $NEMOTUNE_REQUEUE_FILE) and exit 0. After srun returns, the batch script sees that file
 and runs `scontrol requeue $SLURM_JOB_ID` from the host (containers usually lack scontrol), so the job
 restarts later with the same id and the trainer resumes from its latest checkpoint. Logs are opened in
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, List, Mapping, Optional, Sequence
 
-from launchers.torchrun import entry_argv, torchrun_argv
+from nemotune.launchers.torchrun import entry_argv, torchrun_argv
 
 STAGE_KEY = "run.stage"
 REQUEUE_FILE_ENV = "NEMOTUNE_REQUEUE_FILE"

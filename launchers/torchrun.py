@@ -10,8 +10,8 @@ import subprocess
 import sys
 from typing import Any, List, Mapping, Optional, Sequence
 
-DEFAULT_MODULE = "recipes.lora_sft"
-STAGED_MODULE = "recipes.two_stage"
+DEFAULT_MODULE = "nemotune.recipes.lora_sft"
+STAGED_MODULE = "nemotune.recipes.two_stage"
 
 
 def entry_argv(module: Optional[str], overrides: Sequence[str], *, staged: bool = False) -> List[str]:

@@ -1,5 +1,5 @@
 import sys
 
-from recipes.cli import main
+from nemotune.recipes.cli import main
 
 sys.exit(main())

@@ -1,8 +1,8 @@
 """`nemotune <verb> ...`: one entry point dispatching to each folder's own main.
 
-Every verb also runs as a module: prep = python -m data_prep, convert = python -m converters.convert,
-export = python -m converters.export, train = python -m recipes.lora_sft, eval = python -m recipes.evaluate,
-launch = python -m launchers, demo = python -m recipes.demo.
+Every verb also runs as a module: prep = python -m nemotune.data_prep, convert = python -m nemotune.converters.convert,
+export = python -m nemotune.converters.export, train = python -m nemotune.recipes.lora_sft, eval = python -m nemotune.recipes.evaluate,
+launch = python -m nemotune.recipes.launch, demo = python -m nemotune.recipes.demo.
 """
 
 from __future__ import annotations
@@ -11,13 +11,13 @@ import importlib
 import sys
 
 VERBS = {
-    "prep": ("data_prep", "dataset -> chat JSONL -> templated tokens + answer-only masks -> packed sequences"),
-    "convert": ("converters.convert", "HF <-> Megatron checkpoint <-> .nemo, and verify logits"),
-    "export": ("converters.export", "LoRA adapter -> HF PEFT / NeMo .nemo, or merge into the base"),
-    "train": ("recipes.lora_sft", "LoRA SFT on megatron-core (single or multi-stage)"),
-    "eval": ("recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
-    "launch": ("launchers", "run training with torchrun locally or submit it to Slurm"),
-    "demo": ("recipes.demo", "the whole pipeline on the embedded tiny model, on CPU"),
+    "prep": ("nemotune.data_prep", "dataset -> chat JSONL -> templated tokens + answer-only masks -> packed sequences"),
+    "convert": ("nemotune.converters.convert", "HF <-> Megatron checkpoint <-> .nemo, and verify logits"),
+    "export": ("nemotune.converters.export", "LoRA adapter -> HF PEFT / NeMo .nemo, or merge into the base"),
+    "train": ("nemotune.recipes.lora_sft", "LoRA SFT on megatron-core (single or multi-stage)"),
+    "eval": ("nemotune.recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
+    "launch": ("nemotune.recipes.launch", "run training with torchrun locally or submit it to Slurm"),
+    "demo": ("nemotune.recipes.demo", "the whole pipeline on the embedded tiny model, on CPU"),
 }
 
 

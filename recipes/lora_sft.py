@@ -1,7 +1,7 @@
 """LoRA supervised fine-tuning on megatron-core: the recipe, top to bottom.
 
-    nemotune train experiment=<name> key=value ...      (or: python -m recipes.lora_sft ...)
-    torchrun --nproc_per_node 2 -m recipes.lora_sft parallel=tp2 ...
+    nemotune train experiment=<name> key=value ...      (or: python -m nemotune.recipes.lora_sft ...)
+    torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
 
 validate config -> init distributed -> tokenizer -> prepared data -> model (+ base weights) -> LoRA ->
 DDP + optimizer + LR schedule -> SupervisedTrainer.fit() -> consolidated adapter -> cleanup.
@@ -19,8 +19,8 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from recipes import batches, distributed
-from recipes.config import ConfigError, compose, validate
+from nemotune.recipes.engine import batches, distributed
+from nemotune.recipes.engine.config import ConfigError, compose, validate
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
@@ -28,7 +28,7 @@ Fine-tune a Megatron GPT model with LoRA on data prepared by `nemotune prep`.
 Config: conf/lora_sft.yaml composes the groups model/ data/ peft/ parallel/ trainer/ cluster/;
 experiment=<name> applies conf/experiment/<name>.yaml. Any key can be overridden, e.g.
   trainer.optim.lr=5e-5 trainer.sft.max_steps=100 peft.lora.dim=8 parallel=tp2
-Multi-process: torchrun --nproc_per_node 2 -m recipes.lora_sft parallel=tp2 ...
+Multi-process: torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
                 or nemotune launch ... (local torchrun or Slurm).
   --cfg       print the composed config and exit
   -h, --help  this help
@@ -39,8 +39,8 @@ Multi-process: torchrun --nproc_per_node 2 -m recipes.lora_sft parallel=tp2 ...
 
 def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]:
     """Packed or per-example samples of one split, refusing data made by another tokenizer."""
-    from data_prep import formats
-    from data_prep.tokenizer import same_tokenizer, tokenizer_fingerprint
+    from nemotune.data_prep import formats
+    from nemotune.data_prep.tokenizer import same_tokenizer, tokenizer_fingerprint
 
     out = Path(cfg.data.output_dir)
     if not (out / "manifest.json").is_file():
@@ -65,7 +65,7 @@ def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]
 
 
 def adapter_config(cfg: DictConfig, hf: dict) -> dict:
-    from recipes.lora import resolve_targets
+    from nemotune.recipes.engine.lora import resolve_targets
 
     lora = cfg.peft.lora
     return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
@@ -77,9 +77,9 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 
 def build_lora_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
-    from converters.checkpoint import load_megatron_weights
-    from recipes.lora import LoraConfig, apply_lora, load_adapter_state, print_trainable
-    from recipes.model import build_gpt_model
+    from nemotune.converters.formats.checkpoint import load_megatron_weights
+    from nemotune.recipes.engine.lora import LoraConfig, apply_lora, load_adapter_state, print_trainable
+    from nemotune.recipes.engine.model import build_gpt_model
 
     precision = cfg.trainer.precision
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
@@ -95,7 +95,7 @@ def build_lora_model(cfg: DictConfig, hf: dict):
                                  else list(lora.layer_selection),
                                  init_method_a=lora.init_method_a, variant=lora.variant, seed=cfg.run.seed))
     if cfg.peft.restore_from:
-        from converters.adapter_io import load_adapter
+        from nemotune.converters.formats.adapters import load_adapter
 
         state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant, base_config=hf)
         load_adapter_state(model, state)
@@ -105,7 +105,7 @@ def build_lora_model(cfg: DictConfig, hf: dict):
 
 def restore_dir(path: str) -> Path:
     """An adapter dir, or a training checkpoint / run dir holding one (the latest checkpoint's adapter)."""
-    from recipes.checkpointing import complete_checkpoints
+    from nemotune.recipes.engine.checkpointing import complete_checkpoints
 
     path = Path(path)
     if (path / "adapter").is_dir():
@@ -156,7 +156,7 @@ def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):
 
 def base_reference(cfg: DictConfig) -> dict:
     """Path + content hash of the frozen base: hashed once on rank 0 (8B = 16 GB read), shared with all."""
-    from recipes.checkpointing import sha256_of_path
+    from nemotune.recipes.engine.checkpointing import sha256_of_path
 
     path = cfg.model.checkpoint
     digest = [sha256_of_path(path) if path and distributed.is_rank_zero() else None]
@@ -177,7 +177,7 @@ def init_from_config(cfg: DictConfig) -> None:
 
 
 def hf_config_of(cfg: DictConfig) -> dict:
-    from recipes.model import load_hf_config
+    from nemotune.converters.formats.hf_config import load_hf_config
 
     return load_hf_config(cfg.model.hf_path or OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
@@ -196,11 +196,11 @@ class TrainResult:
 
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
-    from data_prep.tokenizer import load_tokenizer
-    from launchers.signals import PreemptionHandler
-    from recipes.checkpointing import Checkpointer, complete_checkpoints
-    from recipes.model import te_available
-    from recipes.trainer import SupervisedTrainer
+    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.recipes.engine.preemption import PreemptionHandler
+    from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints
+    from nemotune.recipes.engine.model import te_available
+    from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     run_dir = Path(run_dir or cfg.run.output_dir)
     # 1. distributed (nccl on GPU, gloo on CPU) and megatron's parallel state
@@ -250,8 +250,8 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
     """
     import math
 
-    from data_prep.tokenizer import load_tokenizer
-    from recipes.trainer import SupervisedTrainer
+    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     cfg = cfg.copy()
     cfg.stages = []
@@ -281,8 +281,8 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
 
 
 def _base_only(cfg: DictConfig, hf: dict):
-    from converters.checkpoint import load_megatron_weights
-    from recipes.model import build_gpt_model
+    from nemotune.converters.formats.checkpoint import load_megatron_weights
+    from nemotune.recipes.engine.model import build_gpt_model
 
     model = build_gpt_model(hf, calculate_per_token_loss=True)
     if cfg.model.checkpoint:
@@ -293,7 +293,7 @@ def _base_only(cfg: DictConfig, hf: dict):
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from recipes.config import hydra_cli
+    from nemotune.recipes.engine.config import hydra_cli
 
     parsed = hydra_cli(argv, HELP)
     if parsed is None:
@@ -309,7 +309,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             return 0
         validate(cfg)
         if cfg.stages:
-            from recipes.two_stage import run_stages
+            from nemotune.recipes.two_stage import run_stages
 
             run_stages(cfg)
         else:

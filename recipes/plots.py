@@ -1,6 +1,6 @@
 """Training plots from a run's metrics.jsonl: loss (train + validation), learning rate, tokens/s/GPU.
 
-    python -m recipes.plots <run_dir>          (writes <run_dir>/loss.png, lr.png, throughput.png)
+    python -m nemotune.recipes.plots <run_dir>          (writes <run_dir>/loss.png, lr.png, throughput.png)
 
 Multi-stage runs keep one metrics.jsonl per stage (<run_dir>/<stage>/metrics.jsonl); every stage is drawn
 on one time axis (``global_step``), with a dashed line where each later stage starts.
@@ -127,7 +127,7 @@ def make_plots(run_dir: str | Path) -> list[Path]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m recipes.plots",
+        prog="python -m nemotune.recipes.plots",
         description="Plot a run's metrics.jsonl (train/val loss, LR schedule, tokens/s/GPU) as PNGs in the run dir; "
         "multi-stage runs (<run_dir>/<stage>/metrics.jsonl) share one global-step axis.",
     )

@@ -16,8 +16,8 @@ from typing import List
 
 from omegaconf import DictConfig
 
-from recipes import distributed
-from recipes.config import apply_overrides, validate
+from nemotune.recipes.engine import distributed
+from nemotune.recipes.engine.config import apply_overrides, validate
 
 
 def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
@@ -33,8 +33,8 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
 
 def run_stages(cfg: DictConfig) -> list:
     """Every stage in order, or only `run.stage` (a dependent Slurm job per stage)."""
-    from recipes.checkpointing import complete_checkpoints
-    from recipes.lora_sft import train
+    from nemotune.recipes.engine.checkpointing import complete_checkpoints
+    from nemotune.recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
     results, summary, previous_adapter, step_offset = [], [], None, 0
@@ -68,8 +68,8 @@ def run_stages(cfg: DictConfig) -> list:
 
 
 def main(argv=None) -> int:
-    """`python -m recipes.two_stage experiment=<two-stage experiment>`: the same entry as lora_sft."""
-    from recipes.lora_sft import main as lora_sft_main
+    """`python -m nemotune.recipes.two_stage experiment=<two-stage experiment>`: the same entry as lora_sft."""
+    from nemotune.recipes.lora_sft import main as lora_sft_main
 
     return lora_sft_main(argv)
 

@@ -59,11 +59,11 @@ def tiny_assets(tmp_path_factory):
     """The demo's inputs, built once: the tiny HF base, its Megatron conversion, and the bundled sample
     prepared with the two-stage seed split (sft / rl / eval)."""
     root = tmp_path_factory.mktemp("tiny_assets")
-    from converters.tiny_model import write_tiny_llama
+    from nemotune.converters.tiny_model import write_tiny_llama
 
     write_tiny_llama(root / "tiny_base")
-    run_module("converters.convert", "hf-to-megatron", "--hf", root / "tiny_base", "--out", root / "tiny_mcore",
+    run_module("nemotune.converters.convert", "hf-to-megatron", "--hf", root / "tiny_base", "--out", root / "tiny_mcore",
                "--no-progress")
-    run_module("data_prep", "data=fiqa_sample", "model=tiny", "data.resplit=true", f"data.output_dir={root / 'prep'}",
+    run_module("nemotune.data_prep", "data=fiqa_sample", "model=tiny", "data.resplit=true", f"data.output_dir={root / 'prep'}",
                "--quiet")
     return {"root": root, "base": root / "tiny_base", "mcore": root / "tiny_mcore", "prep": root / "prep"}

@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 from test_adapter_export import (ALPHA, DIM, assert_nemo_matches_fixture, logits, peft_logits,
                                  random_adapter)
 
-from converters import adapter_io, checkpoint
-from converters.checkpoint import read_hf_config
-from converters.tiny_model import write_tiny_llama
+from nemotune.converters.formats import adapters as adapter_io
+from nemotune.converters import checkpoint
+from nemotune.converters.formats.checkpoint import read_hf_config
+from nemotune.converters.tiny_model import write_tiny_llama
 
 ALL_HF = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
@@ -86,7 +87,7 @@ def test_peft_adapter_imports_as_canonical_bit_exact(base, tmp_path):
 
     state, config = adapter_io.load_adapter(tmp_path / "theirs", base_config=base)
     assert config["variant"] == "canonical" and config["dim"] == 4 and config["alpha"] == 8
-    assert config["layer_selection"] == [2]  # 1-based, as in NeMo and recipes.lora
+    assert config["layer_selection"] == [2]  # 1-based, as in NeMo and nemotune.recipes.engine.lora
     assert config["target_modules"] == list(adapter_io.TARGETS)
     peft_state, peft_config = adapter_io.to_peft(state, config)
     assert peft_state.keys() == theirs.keys() and peft_config["layers_to_transform"] == [1]
@@ -171,7 +172,7 @@ def megatron_ckpt(base, tmp_path_factory):
 
 @pytest.mark.parametrize("variant", ["canonical", "nemo"])
 def test_megatron_lora_matches_transformers_with_exported_peft(base, hf, megatron_ckpt, variant, tmp_path):
-    """recipes.lora on our Megatron model with the adapter == transformers + peft with its HF PEFT export."""
+    """nemotune.recipes.engine.lora on our Megatron model with the adapter == transformers + peft with its HF PEFT export."""
     state, config = random_adapter(hf, variant=variant, seed=5, layer_selection=[2] if variant == "nemo" else None)
     adapter_dir = adapter_io.save_adapter(tmp_path / "adapter", state, config)
     assert checkpoint.verify(base, megatron_ckpt, adapter=adapter_dir) <= 1e-5

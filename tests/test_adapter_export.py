@@ -10,10 +10,10 @@ import pytest
 import torch
 import yaml
 
-from converters import adapter_io
-from converters.checkpoint import read_hf_config
-from converters.export import main as export_main
-from converters.tiny_model import write_tiny_llama
+from nemotune.converters.formats import adapters as adapter_io
+from nemotune.converters.formats.checkpoint import read_hf_config
+from nemotune.converters.export import main as export_main
+from nemotune.converters.tiny_model import write_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DIM, ALPHA = 8, 16.0

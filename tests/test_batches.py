@@ -1,7 +1,7 @@
-"""Pure functions of recipes/batches.py: targets, weights, positions, masks, the sampler."""
+"""Pure functions of recipes/engine/batches.py: targets, weights, positions, masks, the sampler."""
 import numpy as np
 
-from recipes import batches
+from nemotune.recipes.engine import batches
 
 
 def pack():

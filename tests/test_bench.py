@@ -1,5 +1,5 @@
 """bench/gpu_lora.py and bench/train_cpu.py run on this CPU: the GPU bench's dry run and its CPU smoke run
-through SupervisedTrainer, its FLOP formula is recipes/flops.py's, and the CPU comparison trains the same
+through SupervisedTrainer, its FLOP formula is recipes/engine/flops.py's, and the CPU comparison trains the same
 work on both sides (equal step-1 losses)."""
 import json
 import sys
@@ -15,9 +15,9 @@ import gpu_lora  # noqa: E402
 
 
 def test_gpu_bench_uses_the_trainers_flop_formula():
-    import recipes.flops
+    import nemotune.recipes.engine.flops
 
-    assert gpu_lora.lora_step_flops is recipes.flops.lora_step_flops
+    assert gpu_lora.lora_step_flops is nemotune.recipes.engine.flops.lora_step_flops
 
 
 def test_synthetic_packs_are_full_fiqa_like_and_answer_only():
@@ -42,8 +42,8 @@ def test_gpu_bench_dry_run_counts_nano_8b(tmp_path):
     assert plan["trainable_parameters"] == 20_971_520  # = HF PEFT r=8 all-linear on Llama-3.1-8B
     assert plan["total_parameters"] == 8_030_261_248 + 20_971_520
     assert plan["tokens_per_step"] == 4 * 4096
-    from recipes.flops import lora_step_flops
-    from recipes.config import compose
+    from nemotune.recipes.engine.flops import lora_step_flops
+    from nemotune.recipes.engine.config import compose
     from omegaconf import OmegaConf
 
     hf = OmegaConf.to_container(compose("lora_sft", ["model=nemotron_nano_8b"]).model.hf_config)

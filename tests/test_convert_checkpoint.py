@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from converters import checkpoint
-from converters.convert import main as convert_main
-from converters.tiny_model import write_tiny_llama
+from nemotune.converters import checkpoint
+from nemotune.converters.formats import checkpoint as checkpoint_files
+from nemotune.converters.convert import main as convert_main
+from nemotune.converters.tiny_model import write_tiny_llama
 
 
 def hf_tensors(path: Path) -> dict:
@@ -36,7 +37,7 @@ def leftovers(parent: Path) -> list:
 def tiny(tmp_path_factory) -> Path:
     # 100KB shards: the tiny model spans several shards, q/k/v of a layer land in different shards.
     out = write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=0, max_shard_size="100KB")
-    assert (out / checkpoint.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
+    assert (out / checkpoint_files.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
     return out
 
 
@@ -56,12 +57,12 @@ def nemo_file(tiny, tmp_path_factory) -> Path:
 
 def test_hf_megatron_hf_bit_exact(tiny, megatron_ckpt, tmp_path):
     assert (megatron_ckpt / "weights" / "metadata.json").is_file()
-    assert checkpoint.read_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
+    assert checkpoint_files.read_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
     out = tmp_path / "back"
     assert convert_main(["megatron-to-hf", "--ckpt", str(megatron_ckpt), "--out", str(out),
                          "--max-shard-size", "200KB", "--no-progress"]) == 0
     assert_bit_exact(tiny, out)
-    assert (out / checkpoint.INDEX_NAME).is_file()
+    assert (out / checkpoint_files.INDEX_NAME).is_file()
     assert json.loads((out / "config.json").read_text()) == json.loads((tiny / "config.json").read_text())
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (out / name).is_file() == (tiny / name).is_file(), name
@@ -77,7 +78,7 @@ def test_hf_nemo_hf_bit_exact_and_layout(tiny, nemo_file, tmp_path):
     assert cfg["mcore_gpt"] is True and cfg["num_query_groups"] == 2 and cfg["ffn_hidden_size"] == 176
     from megatron.core import dist_checkpointing
 
-    with checkpoint.open_megatron_checkpoint(nemo_file) as (_, weights, prefix, _aux):
+    with checkpoint_files.open_megatron_checkpoint(nemo_file) as (_, weights, prefix, _aux):
         keys = set(dist_checkpointing.load_tensors_metadata(str(weights)))
     # NeMo's names: prefixed, layers stacked, TE layer-norm names
     assert prefix == "model."
@@ -92,14 +93,14 @@ def test_hf_nemo_hf_bit_exact_and_layout(tiny, nemo_file, tmp_path):
 def test_nemo_without_hf_folder_uses_model_config(tiny, nemo_file, tmp_path):
     """A NeMo-written .nemo has no hf/ folder: the HF config is rebuilt from model_config.yaml."""
     root = tmp_path / "extracted"
-    checkpoint.safe_extract(nemo_file, root)
+    checkpoint_files.safe_extract(nemo_file, root)
     import shutil
 
     shutil.rmtree(root / "hf")
     out = checkpoint.megatron_to_hf(root, tmp_path / "back", progress=False)
     assert_bit_exact(tiny, out)
-    rebuilt = checkpoint.read_hf_config(out)
-    original = checkpoint.read_hf_config(tiny)
+    rebuilt = checkpoint_files.read_hf_config(out)
+    original = checkpoint_files.read_hf_config(tiny)
     for key in ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling"):
         assert rebuilt[key] == original[key], key
 
@@ -129,7 +130,7 @@ def test_truncated_shard_fails_cleanly(tiny, tmp_path):
     shard = sorted(broken.glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])
     out = tmp_path / "out"
-    with pytest.raises(checkpoint.ConversionError, match="truncated"):
+    with pytest.raises(checkpoint_files.ConversionError, match="truncated"):
         checkpoint.hf_to_megatron(broken, out, progress=False)
     assert not out.exists() and leftovers(tmp_path) == []
     assert convert_main(["hf-to-nemo", "--hf", str(broken), "--out", str(tmp_path / "x.nemo")]) == 2
@@ -147,7 +148,7 @@ def test_unsupported_architecture_and_shape_mismatch(tiny, tmp_path):
         shutil.copytree(tiny, bad)
         config = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**config, **edit}))
-        with pytest.raises(checkpoint.ConversionError, match=message):
+        with pytest.raises(checkpoint_files.ConversionError, match=message):
             checkpoint.hf_to_megatron(bad, tmp_path / f"out-{name}", progress=False)
         assert not (tmp_path / f"out-{name}").exists()
     assert leftovers(tmp_path) == []
@@ -160,11 +161,11 @@ def test_nemo_with_parent_path_member_is_refused(tmp_path):
         info = tarfile.TarInfo("../escaped.yaml")
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
-    with pytest.raises(checkpoint.ConversionError, match="unsafe"):
+    with pytest.raises(checkpoint_files.ConversionError, match="unsafe"):
         checkpoint.megatron_to_hf(evil, tmp_path / "out", progress=False)
     assert not (tmp_path.parent / "escaped.yaml").exists() and not (tmp_path / "out").exists()
 
 
 def test_existing_output_is_not_overwritten(tiny, megatron_ckpt):
-    with pytest.raises(checkpoint.ConversionError, match="already exists"):
+    with pytest.raises(checkpoint_files.ConversionError, match="already exists"):
         checkpoint.hf_to_megatron(tiny, megatron_ckpt, progress=False)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from converters.mapping import (
+from nemotune.converters.formats.mapping import (
     LlamaDims,
     check_hf_shapes,
     convert_state_dict_hf_to_megatron,

@@ -10,8 +10,8 @@ import pytest
 from test_data_prep_support import (REAL_FIQA_OVERRIDES, needs_shared_fiqa, prep_config_dir, run_prep,
                                     tree_bytes)
 
-from data_prep import formats, make_sample, make_tiny_tokenizer, templating
-from data_prep.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_fingerprint
+from nemotune.data_prep import formats, make_sample, make_tiny_tokenizer, templating
+from nemotune.data_prep.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_fingerprint
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +157,7 @@ def test_pad_seq_to_mult_pads_each_document_without_loss(conf_dir, tmp_path):
 
 
 def test_stratified_resplit_within_one_example_per_bucket(conf_dir, tmp_path):
-    from data_prep.splitting import length_buckets
+    from nemotune.data_prep.splitting import length_buckets
 
     out = tmp_path / "resplit"
     assert run_prep(conf_dir, out, "data.resplit=true") == 0
@@ -183,7 +183,7 @@ def test_stratified_resplit_within_one_example_per_bucket(conf_dir, tmp_path):
 
 
 def test_split_assignment_ignores_input_order():
-    from data_prep.splitting import stratified_split
+    from nemotune.data_prep.splitting import stratified_split
 
     ids = [f"id{i:03d}" for i in range(200)]
     strata = [i % 3 for i in range(200)]
@@ -274,7 +274,7 @@ def test_prep_reports_dropped_examples(sample_out):
 
 
 def test_help_explains_the_cli(capsys):
-    from data_prep import main
+    from nemotune.data_prep import main
 
     with pytest.raises(SystemExit) as exit_info:
         main(["--help"])
@@ -307,8 +307,8 @@ def test_hub_source_keeps_native_splits_and_first_ground_truth(monkeypatch, tmp_
     in tests, so load_dataset returns the bundled sample as a DatasetDict."""
     import datasets
 
-    from data_prep.config import DataConfig
-    from data_prep.pipeline import run
+    from nemotune.data_prep.config import DataConfig
+    from nemotune.data_prep.pipeline import run
 
     def fake_load_dataset(name, config):
         assert (name, config) == ("explodinggradients/fiqa", "main")

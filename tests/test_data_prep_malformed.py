@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from test_data_prep_support import prep_config_dir, run_prep
 
-from data_prep import formats, make_sample
+from nemotune.data_prep import formats, make_sample
 
 GOOD = [json.loads(line) for line in (make_sample.SAMPLE_DIR / "validation.jsonl").read_text().splitlines()[:5]]
 GOOD_FIELDS = [json.dumps({"question": r["question"], "answer": r["ground_truths"][0]}).encode() for r in GOOD]

@@ -30,7 +30,7 @@ def prep_config_dir(tmp_root: Path) -> Path:
 
 
 def run_prep(config_dir: Path, out: Path, *overrides: str, flags: tuple = ()) -> int:
-    from data_prep import main
+    from nemotune.data_prep import main
 
     return main(["--config-dir", str(config_dir), "--quiet", *flags, f"data.output_dir={out}", *overrides])
 

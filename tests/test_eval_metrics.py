@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from recipes import eval_metrics as em
-from recipes.generation import masked_next_token_loss, prompt_messages
+from nemotune.recipes.engine import eval_metrics as em
+from nemotune.recipes.engine.generation import masked_next_token_loss, prompt_messages
 
 
 # ------------------------------------------------------------------------------------------ ROUGE-L
@@ -134,7 +134,7 @@ def test_prompt_messages_thinking_switch():
 
 
 def test_strip_thinking():
-    from recipes.generation import strip_thinking
+    from nemotune.recipes.engine.generation import strip_thinking
 
     assert strip_thinking("<think>\nsteps\n</think>\n\nBuy bonds.") == "Buy bonds."
     assert strip_thinking("<think>never finished") == ""

@@ -1,4 +1,4 @@
-"""recipes.evaluate end to end on tiny models: report files, self-comparison, bad inputs (no partial report)."""
+"""nemotune.recipes.evaluate end to end on tiny models: report files, self-comparison, bad inputs (no partial report)."""
 
 import json
 from pathlib import Path
@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from converters.tiny_model import write_tiny_llama
-from data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
-from recipes import evaluate
-from recipes.eval_metrics import EmbeddingModelNotFoundError
-from recipes.generation import EvalInputError
+from nemotune.converters.tiny_model import write_tiny_llama
+from nemotune.data_prep.tokenizer import load_tokenizer, tokenizer_fingerprint
+from nemotune.recipes import evaluate
+from nemotune.recipes.engine.eval_metrics import EmbeddingModelNotFoundError
+from nemotune.recipes.engine.generation import EvalInputError
 
 QA = [
     ("How do index funds work?", "They hold every stock of an index at low cost."),
@@ -220,7 +220,7 @@ def test_base_system_is_the_plain_base_model(assets, tmp_path):
     """Batched, left-padded base answers == one-at-a-time greedy answers of transformers without peft."""
     from transformers import AutoModelForCausalLM
 
-    from recipes.generation import prompt_messages
+    from nemotune.recipes.engine.generation import prompt_messages
 
     out = tmp_path / "report"
     evaluate.run_evaluation(cfg_for(assets, out, limit=4, max_new_tokens=8, loss=False))

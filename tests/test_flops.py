@@ -1,10 +1,10 @@
-"""LoRA FLOP accounting (recipes/flops.py): the Nano-8B numbers worked by hand, and the per-step figures the
+"""LoRA FLOP accounting (recipes/engine/flops.py): the Nano-8B numbers worked by hand, and the per-step figures the
 trainer logs are exactly that formula over the step's real documents and its measured time."""
 import numpy as np
 import pytest
 import torch
 
-from recipes import flops
+from nemotune.recipes.engine import flops
 
 NANO_8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
                head_dim=128, intermediate_size=14336, vocab_size=128256)
@@ -53,7 +53,7 @@ def test_nano_8b_lora_step_flops_and_the_h100_ceiling():
 
 def test_matmul_params_are_the_models_linear_weights():
     """The formula's weights are exactly the GPTModel's linear layers + output layer (meta device)."""
-    from recipes.model import build_gpt_model
+    from nemotune.recipes.engine.model import build_gpt_model
 
     hf = dict(NANO_8B, architectures=["LlamaForCausalLM"], model_type="llama", max_position_embeddings=131072)
     model = build_gpt_model(hf, device="meta")
@@ -68,12 +68,12 @@ def test_logged_tflops_and_mfu_are_the_formula_over_the_measured_step(tiny_hf_co
     lora_step_flops over the documents of the step's packs, and MFU divides by the device peak."""
     from omegaconf import OmegaConf
 
-    from recipes import batches
-    from recipes.config import compose
-    from recipes.lora import LoraConfig, apply_lora
-    from recipes.lora_sft import build_scheduler, wrap_for_training
-    from recipes.model import build_gpt_model
-    from recipes.trainer import SupervisedTrainer, format_step_line
+    from nemotune.recipes.engine import batches
+    from nemotune.recipes.engine.config import compose
+    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
+    from nemotune.recipes.engine.model import build_gpt_model
+    from nemotune.recipes.engine.trainer import SupervisedTrainer, format_step_line
 
     cfg = compose("lora_sft", ["experiment=tiny_lora", "trainer.global_batch_size=2", f"run.output_dir={tmp_path}",
                                "run.tensorboard=false"])

@@ -4,9 +4,10 @@ import json
 import pytest
 import torch
 
-from recipes import megatron_cpu
-from recipes.config import ConfigError, compose, experiment_names, validate
-from recipes.model import ModelConfigError, build_gpt_model, load_hf_config, transformer_config_from_hf
+from nemotune.recipes.engine import megatron_cpu
+from nemotune.recipes.engine.config import ConfigError, compose, experiment_names, validate
+from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
+from nemotune.recipes.engine.model import build_gpt_model, transformer_config_from_hf
 
 from conftest import REPO, run_torchrun
 
@@ -29,7 +30,7 @@ def test_rope_llama3_scaling_matches_transformers(tiny_hf_config):
     from transformers import LlamaConfig
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    from recipes.model import llama3_inv_freq
+    from nemotune.recipes.engine.model import llama3_inv_freq
 
     hf = load_hf_config(tiny_hf_config)
     expected, _ = ROPE_INIT_FUNCTIONS["llama3"](LlamaConfig(**tiny_hf_config), "cpu")
@@ -120,7 +121,7 @@ def test_sequence_parallel_without_tp_is_rejected():
     ("model.checkpoint=/nonexistent/base", "model.checkpoint=/nonexistent/base"),
 ])
 def test_bad_input_exits_nonzero_before_any_process_group(override, needle, capsys):
-    from recipes.lora_sft import main
+    from nemotune.recipes.lora_sft import main
 
     code = main([override])
     assert code == 2
@@ -129,7 +130,7 @@ def test_bad_input_exits_nonzero_before_any_process_group(override, needle, caps
 
 
 def test_cli_lists_every_verb(capsys):
-    from recipes.cli import VERBS, main
+    from nemotune.recipes.cli import VERBS, main
 
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
@@ -141,7 +142,7 @@ def test_cli_lists_every_verb(capsys):
 def test_tiny_model_config_is_what_the_tiny_writer_writes(tmp_path):
     from omegaconf import OmegaConf
 
-    from converters.tiny_model import write_tiny_llama
+    from nemotune.converters.tiny_model import write_tiny_llama
 
     written = load_hf_config(write_tiny_llama(tmp_path / "tiny", copy_tokenizer=False))
     declared = load_hf_config(OmegaConf.to_container(compose("lora_sft").model.hf_config))

@@ -1,6 +1,6 @@
 """Two "nodes" on loopback: two torchrun agents (--nnodes 2, one rank each, c10d rendezvous on 127.0.0.1)
 train the tiny model to the same losses as one node with two ranks. Both command lines come from
-launchers.torchrun, the builder the local and Slurm launchers use."""
+nemotune.launchers.torchrun, the builder the local and Slurm launchers use."""
 import json
 import os
 import socket
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from launchers.torchrun import entry_argv, torchrun_argv
+from nemotune.launchers.torchrun import entry_argv, torchrun_argv
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from launchers import main as launch_main
-from launchers.config import ClusterConfig, time_limit_seconds, validate_cluster
-from launchers.signals import PreemptionHandler
-from launchers.slurm import render_jobs, render_sbatch
-from launchers.torchrun import entry_argv, torchrun_argv
+from nemotune.recipes.launch import main as launch_main
+from nemotune.launchers.config import ClusterConfig, time_limit_seconds, validate_cluster
+from nemotune.recipes.engine.preemption import PreemptionHandler
+from nemotune.launchers.slurm import render_jobs, render_sbatch
+from nemotune.launchers.torchrun import entry_argv, torchrun_argv
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -73,7 +73,7 @@ def test_single_node_gpu_script_line_by_line():
     assert lines[i + 2] == (
         "exec /opt/venv/bin/python -m torch.distributed.run --nproc_per_node=8 --nnodes=\"$SLURM_NNODES\" "
         "--node_rank=\"$SLURM_NODEID\" --rdzv_backend=c10d --rdzv_endpoint=\"$HEAD_NODE:$MASTER_PORT\" "
-        "--rdzv_id=\"$SLURM_JOB_ID\" -m recipes.lora_sft experiment=nano8b_fiqa_lora cluster=slurm")
+        "--rdzv_id=\"$SLURM_JOB_ID\" -m nemotune.recipes.lora_sft experiment=nano8b_fiqa_lora cluster=slurm")
     assert lines[i + 3] == "NEMOTUNE_NODE"
     assert line_starting(script, "srun ") == (
         'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$NODE_CMD" '
@@ -104,7 +104,7 @@ def test_four_node_container_script_line_by_line():
     exec_line = line_starting(script, "exec ")
     # inside a container the interpreter is the image's python; a space-containing override stays one arg
     assert exec_line.startswith("exec python -m torch.distributed.run --nproc_per_node=8 --nnodes=\"$SLURM_NNODES\"")
-    assert exec_line.endswith("-m recipes.lora_sft experiment=x trainer.optim.lr=5e-5 'run.name=a b'")
+    assert exec_line.endswith("-m nemotune.recipes.lora_sft experiment=x trainer.optim.lr=5e-5 'run.name=a b'")
     assert line_starting(script, "srun ") == (
         'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
         "--container-image=/images/nemotune.sqsh "
@@ -122,14 +122,14 @@ def test_cpu_job_has_no_gpu_line_and_stages_become_chained_jobs():
         assert f"--job-name={job.name}" in sb and "--cpus-per-task=2" in sb
         assert not any(s.startswith("--gpus") for s in sb)
         assert line_starting(job.script, "exec ").endswith(
-            f"-m recipes.two_stage experiment=two_stage run.stage={job.stage}")
+            f"-m nemotune.recipes.two_stage experiment=two_stage run.stage={job.stage}")
     assert "runs after nemotune-x-stage1 succeeds" in jobs[1].script.splitlines()[1]
 
 
 def test_torchrun_argv_local_and_multinode():
     single = torchrun_argv({"nodes": 1, "nproc_per_node": 2}, entry_argv(None, ["a=1"]), python="py")
     assert single == ["py", "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone",
-                      "-m", "recipes.lora_sft", "a=1"]
+                      "-m", "nemotune.recipes.lora_sft", "a=1"]
     multi = torchrun_argv({"nodes": 2, "nproc_per_node": 1, "node_rank": 1, "rdzv_endpoint": "10.0.0.1:29400",
                            "job_name": "j", "rdzv_backend": "c10d"}, entry_argv("train.py", []), python="py")
     assert multi == ["py", "-m", "torch.distributed.run", "--nproc_per_node=1", "--nnodes=2", "--node_rank=1",
@@ -241,13 +241,13 @@ def test_cli_local_dry_run(conf_dir, capsys):
     argv = ["--config-dir", str(conf_dir), "--config-name", "launch_test", "cluster.nproc_per_node=2", "--dry-run"]
     assert launch_main(argv) == 0
     assert capsys.readouterr().out.strip() == (
-        f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 --standalone -m recipes.lora_sft "
+        f"{sys.executable} -m torch.distributed.run --nproc_per_node=2 --standalone -m nemotune.recipes.lora_sft "
         "cluster.nproc_per_node=2")
 
 
 def test_real_conf_tree_composes_cluster_groups(capsys):
     """The lead's conf/lora_sft.yaml with cluster=slurm / slurm_ngc (skips until the whole tree composes)."""
-    from launchers.cli import compose
+    from nemotune.recipes.launch import compose
 
     try:
         cfg = compose("lora_sft", ["cluster=slurm", "cluster.nodes=2"])

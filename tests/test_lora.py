@@ -3,8 +3,8 @@ equivalence, freezing, state-dict round trip and clear errors. Multi-rank layout
 import pytest
 import torch
 
-from recipes import lora
-from recipes.lora import LoraConfig, apply_lora, resolve_targets
+from nemotune.recipes.engine import lora
+from nemotune.recipes.engine.lora import LoraConfig, apply_lora, resolve_targets
 
 NANO_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
@@ -35,7 +35,7 @@ def test_nano_8b_parameter_counts_on_meta(variant, targets, expected):
 
 
 def _tiny_model(hf, seed=0):
-    from recipes.model import build_gpt_model
+    from nemotune.recipes.engine.model import build_gpt_model
 
     torch.manual_seed(seed)
     return build_gpt_model(hf)

@@ -7,7 +7,7 @@ import random
 import pytest
 from test_data_prep_support import SHARED_FIQA, needs_shared_fiqa
 
-from data_prep import packing
+from nemotune.data_prep import packing
 
 
 def check_bins(bins, lengths, pack_size):
@@ -66,9 +66,9 @@ def test_stats_count_every_pack():
 
 @needs_shared_fiqa
 def test_ffd_efficiency_on_real_fiqa_rows_at_4096():
-    from data_prep import templating
-    from data_prep.config import FIQA_SYSTEM_PROMPT
-    from data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep import templating
+    from nemotune.data_prep.config import FIQA_SYSTEM_PROMPT
+    from nemotune.data_prep.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer("nemotune/tiny")
     lengths = []

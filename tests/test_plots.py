@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from recipes import plots
+from nemotune.recipes import plots
 
 TRAIN_BLUE = (0x1F, 0x77, 0xB4)  # matplotlib C0: first series (train loss, lr, throughput)
 VAL_ORANGE = (0xFF, 0x7F, 0x0E)  # matplotlib C1: second series (validation loss)

@@ -4,7 +4,7 @@ The module fixture installs the packages when they are absent (root + apt-get), 
 and slurmd, and stops what it started; elsewhere the tests skip with the reason. Each job is what a user
 submits: `nemotune launch experiment=tiny_lora cluster=slurm ...` composes conf/lora_sft.yaml, renders
 the sbatch script and submits it; the job's srun task starts torchrun with 2 CPU ranks (data parallel 2)
-running `recipes.lora_sft` on the tiny model (tests/conftest.py `tiny_assets`).
+running `nemotune.recipes.lora_sft` on the tiny model (tests/conftest.py `tiny_assets`).
 
 1. an uninterrupted job: COMPLETED, its metrics, final checkpoint (adapter + trainer state) and logs;
 2. the pre-timeout signal (`scancel --signal=USR1`, what `#SBATCH --signal=USR1@<s>` sends): the ranks
@@ -28,8 +28,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from launchers import main as launch_main
-from recipes.config import LoraSettings
+from nemotune.recipes.launch import main as launch_main
+from nemotune.recipes.engine.config import LoraSettings
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -199,7 +199,7 @@ def test_submitted_job_trains_on_two_ranks(completed_job, tiny_assets):
     scripts = list((run_dir / "slurm").glob(f"{JOB_NAME}-*.sbatch"))
     assert len(scripts) == 1
     script = scripts[0].read_text()
-    assert "#SBATCH --signal=USR1@300" in script and "-m recipes.lora_sft" in script
+    assert "#SBATCH --signal=USR1@300" in script and "-m nemotune.recipes.lora_sft" in script
 
 
 def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, tiny_assets, completed_job, tmp_path):

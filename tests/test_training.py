@@ -95,10 +95,10 @@ def _losses(run_dir):
 
 def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(tiny_assets, tmp_path):
     reference_dir, killed_dir = tmp_path / "reference", tmp_path / "killed"
-    run_module("recipes.lora_sft", *_train_args(tiny_assets, reference_dir))
+    run_module("nemotune.recipes.lora_sft", *_train_args(tiny_assets, reference_dir))
     kill_after = random.Random(os.getpid()).randint(3, 5)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.Popen([sys.executable, "-m", "recipes.lora_sft", *_train_args(tiny_assets, killed_dir)],
+    proc = subprocess.Popen([sys.executable, "-m", "nemotune.recipes.lora_sft", *_train_args(tiny_assets, killed_dir)],
                             cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
     deadline = time.time() + 300
@@ -110,7 +110,7 @@ def test_sigkill_at_a_random_step_then_resume_reproduces_the_run(tiny_assets, tm
         time.sleep(0.05)
     proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
-    run_module("recipes.lora_sft", *_train_args(tiny_assets, killed_dir))
+    run_module("nemotune.recipes.lora_sft", *_train_args(tiny_assets, killed_dir))
     reference, resumed = _losses(reference_dir), _losses(killed_dir)
     assert sorted(resumed) == list(range(1, 7))
     for step, (loss, consumed) in reference.items():
@@ -128,7 +128,7 @@ def test_data_from_another_tokenizer_is_refused(tiny_assets, tmp_path):
     manifest = json.loads((prep / "manifest.json").read_text())
     manifest["tokenizer"]["tokenizer_json_sha256"] = "0" * 64
     (prep / "manifest.json").write_text(json.dumps(manifest))
-    result = run_module("recipes.lora_sft", *_train_args(tiny_assets, tmp_path / "run", f"data.output_dir={prep}"),
+    result = run_module("nemotune.recipes.lora_sft", *_train_args(tiny_assets, tmp_path / "run", f"data.output_dir={prep}"),
                         check=False)
     assert result.returncode == 2
     assert "tokenized by another tokenizer" in result.stderr
@@ -137,8 +137,8 @@ def test_data_from_another_tokenizer_is_refused(tiny_assets, tmp_path):
 
 def test_adapter_of_another_shape_is_refused_before_training(tiny_assets, tmp_path):
     first = tmp_path / "first"
-    run_module("recipes.lora_sft", *_train_args(tiny_assets, first, "trainer.sft.max_steps=2"))
-    result = run_module("recipes.lora_sft", *_train_args(tiny_assets, tmp_path / "second", f"peft.restore_from={first}",
+    run_module("nemotune.recipes.lora_sft", *_train_args(tiny_assets, first, "trainer.sft.max_steps=2"))
+    result = run_module("nemotune.recipes.lora_sft", *_train_args(tiny_assets, tmp_path / "second", f"peft.restore_from={first}",
                                                          "peft.lora.dim=4"), check=False)
     assert result.returncode == 2
     assert "shape" in result.stderr and "linear_in.weight" in result.stderr
@@ -152,8 +152,8 @@ def test_adapters_trained_under_tp2_and_pp2_serve_with_the_same_logits(parity, t
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from converters.adapter_io import export_hf_peft, merge_adapter
-    from converters.checkpoint import verify
+    from nemotune.converters.formats.adapters import export_hf_peft, merge_adapter
+    from nemotune.converters.checkpoint import verify
 
     _, runs = parity
     ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(3))

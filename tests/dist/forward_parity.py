@@ -7,8 +7,8 @@ import sys
 
 import torch
 
-from recipes import distributed
-from recipes.model import build_gpt_model, load_full_state_dict
+from nemotune.recipes.engine import distributed
+from nemotune.recipes.engine.model import build_gpt_model, load_full_state_dict
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import torch
 
-from recipes import distributed, lora
-from recipes.model import build_gpt_model, load_full_state_dict
+from nemotune.recipes.engine import distributed, lora
+from nemotune.recipes.engine.model import build_gpt_model, load_full_state_dict
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import torch
 
-from recipes import batches, distributed
-from recipes.config import compose
-from recipes.lora_sft import train
+from nemotune.recipes.engine import batches, distributed
+from nemotune.recipes.engine.config import compose
+from nemotune.recipes.lora_sft import train
 
 OUT, PREP, BASE_MCORE, BASE_HF, ROOT = sys.argv[1:6]
 ROOT = Path(ROOT)
@@ -52,9 +52,9 @@ def config(name: str, extra=()):
 
 def packed_vs_unpacked(layout: str) -> dict:
     """Loss of one pack vs the same documents as separate padded rows, through the training schedule."""
-    from data_prep.tokenizer import load_tokenizer
-    from recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
-    from recipes.trainer import SupervisedTrainer
+    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
+    from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     cfg = config(layout)
     init_from_config(cfg)
@@ -81,10 +81,10 @@ def packed_vs_unpacked(layout: str) -> dict:
 
 
 def two_stage() -> dict:
-    from data_prep.tokenizer import load_tokenizer
-    from recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
-    from recipes.trainer import SupervisedTrainer
-    from recipes.two_stage import run_stages, stage_configs
+    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
+    from nemotune.recipes.engine.trainer import SupervisedTrainer
+    from nemotune.recipes.two_stage import run_stages, stage_configs
 
     root = ROOT / "two_stage"
     cfg = compose("lora_sft", ["experiment=tiny_two_stage", f"model.hf_path={BASE_HF}",

@@ -107,7 +107,7 @@ def read_adapter_config(adapter_dir: str | Path) -> dict:
     if not cfg.is_file() or not weights.is_file():
         raise EvalInputError(
             f"{adapter_dir} is not an HF PEFT adapter dir (needs adapter_config.json + adapter_model.safetensors). "
-            "Fix: export the trained adapter first: python -m converters.export hf-peft --adapter "
+            "Fix: export the trained adapter first: python -m nemotune.converters.export hf-peft --adapter "
             "<ckpt>/adapter --out <dir>"
         )
     return json.loads(cfg.read_text())
@@ -161,7 +161,7 @@ def check_tokenizer_fits(tokenizer, vocab_size: int, where: str) -> None:
 # --------------------------------------------------------------------------------------------- loading
 def load_tokenizer(name_or_path: str | Path):
     """The project's tokenizer loader (handles `nemotune/tiny`), left padding for batched generation."""
-    from data_prep.tokenizer import load_tokenizer as _load
+    from nemotune.data_prep.tokenizer import load_tokenizer as _load
 
     tok = _load(str(name_or_path))
     tok.padding_side = "left"
@@ -197,7 +197,7 @@ class HFSystems:
         self.base_dir, self.adapter_dir = Path(base_dir), Path(adapter_dir)
         if not (self.base_dir / "config.json").is_file():
             raise EvalInputError(f"base model dir {self.base_dir} has no config.json (an HF checkpoint dir is "
-                                 "needed; convert a Megatron checkpoint with python -m converters.convert)")
+                                 "needed; convert a Megatron checkpoint with python -m nemotune.converters.convert)")
         read_adapter_config(self.adapter_dir)
         self.device = _default_device(device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.base_dir)

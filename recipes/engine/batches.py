@@ -65,7 +65,7 @@ def positions(sample: Sample) -> np.ndarray:
 class DocumentMask:
     """Where megatron expects an attention mask on the local spec: the documents of each row.
 
-    The local spec's core attention (recipes.model.SdpaCoreAttention) runs causal attention per document:
+    The local spec's core attention (nemotune.recipes.engine.model.SdpaCoreAttention) runs causal attention per document:
     the same result as a block-diagonal causal mask, without building or applying an [S, S] mask, and with
     sum(l^2) instead of S^2 work per packed row. A row's padding tail attends within itself and carries no
     loss. `dense()` is the equivalent boolean mask (True = masked, megatron's convention).

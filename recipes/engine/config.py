@@ -20,8 +20,8 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
-from data_prep.config import DataConfig
-from launchers.config import ClusterConfig
+from nemotune.data_prep.config import DataConfig
+from nemotune.launchers.config import ClusterConfig
 
 
 @dataclass
@@ -157,7 +157,7 @@ def compose(config_name: str = "lora_sft", overrides: Optional[List[str]] = None
     """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`)."""
     _register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="conf", version_base="1.3"):
+    with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
         cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
     return cfg
 
@@ -174,7 +174,9 @@ def hydra_cli(argv: Optional[List[str]], help_text: str) -> Optional[tuple]:
 
 
 def experiment_names() -> List[str]:
-    root = Path(__file__).resolve().parent.parent / "conf" / "experiment"
+    import nemotune.conf
+
+    root = Path(nemotune.conf.__file__).resolve().parent / "experiment"
     return sorted(p.stem for p in root.glob("*.yaml"))
 
 
@@ -186,7 +188,7 @@ def world_size(cfg: DictConfig) -> int:
 
 
 def _hf_config(cfg: DictConfig, problems: List[str]) -> Optional[dict]:
-    from recipes.model import ModelConfigError, load_hf_config
+    from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
 
     try:
         if cfg.model.hf_path:
@@ -265,7 +267,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
     try:
-        from recipes.lora import resolve_targets
+        from nemotune.recipes.engine.lora import resolve_targets
 
         resolve_targets(list(cfg.peft.lora.target_modules))
     except ImportError:
@@ -279,7 +281,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                 problems.append(f"{key}={value}: no such file or directory; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
     try:
-        from launchers.config import validate_cluster
+        from nemotune.launchers.config import validate_cluster
 
         problems.extend(validate_cluster(cfg))
     except ImportError:

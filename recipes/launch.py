@@ -1,4 +1,4 @@
-"""`nemotune launch` / `python -m launchers`: compose the training config, validate it, then run it with
+"""`nemotune launch` / `python -m nemotune.recipes.launch`: compose the training config, validate it, then run it with
 torchrun here (cluster=local) or render + submit an sbatch job (cluster=slurm)."""
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from launchers.config import validate_cluster
+from nemotune.launchers.config import validate_cluster
 
 USAGE = """\
 nemotune launch [--dry-run] [--config-name NAME] [hydra overrides ...]
 
 Composes the same config as training (conf/<config-name>.yaml, default lora_sft) with your overrides,
 validates it (every problem at once, nothing is started or submitted while any remains), then:
-  cluster=local   runs `torchrun -m recipes.lora_sft <overrides>` on this machine
+  cluster=local   runs `torchrun -m nemotune.recipes.lora_sft <overrides>` on this machine
   cluster=slurm   writes an sbatch script under cluster.output_dir and submits it (prints the job id);
                   an experiment with `stages` becomes one job per stage, chained with afterok
   --dry-run       prints the torchrun command / sbatch script(s) instead
@@ -38,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def compose(config_name: str, overrides: Sequence[str], config_dir: Optional[str] = None):
     if config_dir is None:
-        from recipes.config import compose as compose_root
+        from nemotune.recipes.engine.config import compose as compose_root
 
         return compose_root(config_name, list(overrides))
     from hydra import compose as hydra_compose
@@ -56,7 +56,7 @@ def check(cfg, *, full: bool) -> List[str]:
     problems: List[str] = []
     if full:
         try:
-            from recipes.config import ConfigError, validate
+            from nemotune.recipes.engine.config import ConfigError, validate
         except ImportError:
             validate = None
         if validate is not None:
@@ -89,8 +89,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"  - {p}", file=sys.stderr)
         return 2
 
-    from launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
-    from launchers.torchrun import entry_argv, run_local
+    from nemotune.launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
+    from nemotune.launchers.torchrun import entry_argv, run_local
 
     cluster = _plain(cfg.cluster)
     overrides = list(args.overrides)
@@ -105,3 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"nemotune launch: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,7 +8,7 @@ import socket
 
 import torch
 
-from recipes import megatron_cpu
+from nemotune.recipes.engine import megatron_cpu
 
 
 def _free_port() -> int:
@@ -36,7 +36,7 @@ def init_distributed(
 ) -> None:
     """Start torch.distributed (from torchrun's env, or a world of one) and megatron's parallel state.
 
-    On a machine without CUDA this first switches megatron-core to the CPU (`recipes.megatron_cpu`).
+    On a machine without CUDA this first switches megatron-core to the CPU (`nemotune.recipes.engine.megatron_cpu`).
     """
     from megatron.core import parallel_state, tensor_parallel
 

@@ -8,7 +8,7 @@ Consolidated adapter dir (what training writes; full TP=1 tensors, NeMo mcore ke
 Effective weight of a target: W + (alpha / dim) * linear_out @ linear_in, with linear_in (A) [dim, in] and
 linear_out (B) [out, dim].
 
-The targets and their keys by variant (``recipes.lora`` builds the same modules; names are NeMo 1.x's AdapterName):
+The targets and their keys by variant (``nemotune.recipes.engine.lora`` builds the same modules; names are NeMo 1.x's AdapterName):
   Megatron     NeMo target      HF modules            variant nemo (fused)          variant canonical (per HF module)
   linear_qkv   attention_qkv    q_proj k_proj v_proj  lora_kqv_adapter              lora_unfused_kqv_adapter.{q,k,v}_adapter
   linear_proj  attention_dense  o_proj                lora_dense_attention_adapter  (same)
@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from converters.mapping import LlamaDims, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
+from nemotune.converters.formats.mapping import LlamaDims, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 log = logging.getLogger("nemotune.converters")
 
@@ -199,7 +199,7 @@ def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], co
     """Write the consolidated adapter dir (validated; tensors saved contiguous on the CPU)."""
     from safetensors.torch import save_file
 
-    from converters.checkpoint import atomic_output
+    from nemotune.converters.formats.checkpoint import atomic_output
 
     config = {"dropout": 0.0, "layer_selection": None, "base_model_name_or_path": None, **dict(config)}
     config["variant"] = variant_of(config)
@@ -374,7 +374,7 @@ def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
 
 
 def _base_config_for(peft_config: Mapping[str, Any], base_config) -> dict:
-    from converters.checkpoint import read_hf_config
+    from nemotune.converters.formats.checkpoint import read_hf_config
 
     if isinstance(base_config, Mapping):
         return read_hf_config(base_config)
@@ -452,7 +452,7 @@ def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_n
     """Consolidated adapter (either variant) -> HF PEFT dir (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import save_file
 
-    from converters.checkpoint import atomic_output
+    from nemotune.converters.formats.checkpoint import atomic_output
 
     state, config = load_adapter(adapter_dir)
     peft_state, peft_config = to_peft(state, config, base_model_name_or_path=base_model_name_or_path)
@@ -490,7 +490,7 @@ def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite
     in the adapter's own variant."""
     import yaml
 
-    from converters.checkpoint import atomic_output, nemo_model_config, write_tar
+    from nemotune.converters.formats.checkpoint import atomic_output, nemo_model_config, write_tar
 
     state, config = load_adapter(adapter_dir)
     dims = LlamaDims.from_hf(config["base_model"])
@@ -526,7 +526,7 @@ def read_nemo_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     import yaml
 
-    from converters.checkpoint import safe_extract
+    from nemotune.converters.formats.checkpoint import safe_extract
 
     with tempfile.TemporaryDirectory(prefix="nemotune-lora-") as tmp:
         safe_extract(Path(path), Path(tmp))
@@ -553,7 +553,7 @@ def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from converters.checkpoint import INDEX_NAME, atomic_output, copy_auxiliary_files, inspect_hf_checkpoint
+    from nemotune.converters.formats.checkpoint import INDEX_NAME, atomic_output, copy_auxiliary_files, inspect_hf_checkpoint
 
     hf_base_dir = Path(hf_base_dir)
     hf, weight_map, _ = inspect_hf_checkpoint(hf_base_dir)

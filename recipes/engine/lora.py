@@ -468,7 +468,7 @@ def parameter_counts(model) -> tuple[int, int]:
 
 def print_trainable(model) -> tuple[int, int]:
     """Print `trainable N / total M (P%)` on rank 0 (whole model) and return (N, M)."""
-    from recipes.distributed import print_rank_zero
+    from nemotune.recipes.engine.distributed import print_rank_zero
 
     trainable, total = parameter_counts(model)
     print_rank_zero(f"trainable {trainable:,} / total {total:,} ({100.0 * trainable / max(total, 1):.4f}%)")
@@ -477,6 +477,6 @@ def print_trainable(model) -> tuple[int, int]:
 
 def count_lora_parameters(hf_config, cfg: LoraConfig) -> int:
     """Trainable LoRA parameters of `cfg` on the model of `hf_config`, counted on the meta device."""
-    from recipes.model import build_gpt_model
+    from nemotune.recipes.engine.model import build_gpt_model
 
     return apply_lora(build_gpt_model(hf_config, device="meta"), cfg).trainable_parameters

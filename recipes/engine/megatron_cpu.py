@@ -8,7 +8,7 @@ clipping, and ``param.type() == "torch.cuda.FloatTensor"`` checks in the optimiz
 on gloo. This module redirects exactly those places to the CPU so CI exercises the real code paths.
 
 `enable_cpu_megatron()` is idempotent and does nothing when CUDA is available: on a GPU machine
-megatron-core runs untouched. It is called by `recipes.distributed.init_distributed` before any
+megatron-core runs untouched. It is called by `nemotune.recipes.engine.distributed.init_distributed` before any
 megatron module builds a tensor. Every redirect is listed in `_REDIRECTS` and covered by
 tests/test_megatron_cpu.py.
 """

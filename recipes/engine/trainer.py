@@ -21,8 +21,8 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from recipes import batches, distributed, flops
-from recipes.checkpointing import Checkpointer
+from nemotune.recipes.engine import batches, distributed, flops
+from nemotune.recipes.engine.checkpointing import Checkpointer
 
 
 @dataclass

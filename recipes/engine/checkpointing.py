@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from recipes import distributed
+from nemotune.recipes.engine import distributed
 
 STATE_FILE = "trainer_state.json"
 def sharding_metadata() -> dict:
@@ -71,8 +71,8 @@ class Checkpointer:
     def save(self, trainer) -> Path:
         from megatron.core import dist_checkpointing
 
-        from converters.adapter_io import save_adapter
-        from recipes import lora
+        from nemotune.converters.formats.adapters import save_adapter
+        from nemotune.recipes.engine import lora
 
         step = trainer.state.step
         final = self.root / f"step{step:07d}"

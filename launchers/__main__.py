@@ -1,5 +1,0 @@
-import sys
-
-from launchers.cli import main
-
-sys.exit(main())

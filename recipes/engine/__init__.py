@@ -1,0 +1,3 @@
+"""The training engine under the recipes: the megatron-core model builder, LoRA, distributed set-up (and the
+one CPU adaptation of megatron-core), batches, the SupervisedTrainer, checkpointing, FLOP accounting, the
+typed configuration, and generation / metrics for evaluation. Recipes tell their story over these pieces."""
