@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.nemotune-installed
 
-.PHONY: setup demo test bench-cpu clean
+.PHONY: setup demo test bench-cpu gpu-wheels gpu-check clean
 
 setup: $(STAMP)
 
@@ -28,6 +28,15 @@ bench-cpu: setup
 	$(PY) bench/train_cpu.py
 	$(PY) bench/packing.py
 	$(PY) bench/prep.py
+
+# The GPU check (bench/gpu_check.py): `make gpu-wheels` here downloads, for CPython 3.12 / manylinux x86_64,
+# the wheels a bare GPU machine lacks into .whl/ (ignored); `make gpu-check` there installs them offline and
+# runs the CUDA tests and the LoRA bench with the machine's own python3 (no .venv). DRY_RUN=1: on the CPU.
+gpu-wheels: setup
+	$(PY) bench/gpu_check.py wheels
+
+gpu-check:
+	$(if $(DRY_RUN),$(PY),$(PYTHON)) bench/gpu_check.py run $(if $(DRY_RUN),--dry-run)
 
 clean:
 	rm -rf $(VENV) work
