@@ -27,9 +27,9 @@ DROP_REASONS = (TOO_LONG, PROMPT_TOO_LONG, ANSWER_TOO_LONG, ALL_MASKED)
 # Nemotron's reasoning switch: the model card sets the system prompt to exactly this line.
 THINKING_LINES = {"thinking_on": "detailed thinking on", "thinking_off": "detailed thinking off"}
 TASK_PROMPT_PLACEMENTS = ("user", "system")
-# Stands in for the final assistant content while the template renders the turn around it; letters only, so
-# no template trims, escapes or splits it.
-_PLACEHOLDER = "NEMOTUNEFINALASSISTANTCONTENTPLACEHOLDER"
+# Stands in for the final assistant content while the template renders the turn around it: letters only, so
+# no template trims, escapes or splits it, in mixed case, so a template that changes case is caught.
+_PLACEHOLDER = "NemotuneFinalAssistantContentPlaceholder"
 
 
 def apply_thinking_mode(messages: list[dict], mode: str, task_prompt_placement: str = "user") -> list[dict]:
