@@ -86,7 +86,14 @@ def _decode(tokenizer, ids) -> str:
     return tokenizer.decode(ids, skip_special_tokens=False, clean_up_tokenization_spaces=False)
 
 
-def _render(tokenizer, messages: list[dict], keep_final_reasoning: bool) -> str:
+def _generation_prefix(tokenizer, messages: list[dict], index: int, cache: dict) -> str:
+    """The text before assistant turn `index`'s content: the conversation so far plus the generation prompt."""
+    if index not in cache:
+        cache[index] = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+    return cache[index]
+
+
+def _render(tokenizer, messages: list[dict], keep_final_reasoning: bool, prefixes: dict) -> str:
     """The conversation's text: the template's, except that with keep_final_reasoning the final assistant
     turn holds its whole content even where the template would drop a reasoning block from it."""
     text = tokenizer.apply_chat_template(messages, tokenize=False)
@@ -94,7 +101,7 @@ def _render(tokenizer, messages: list[dict], keep_final_reasoning: bool) -> str:
     if not keep_final_reasoning or last is None:
         return text
     content = messages[last]["content"]
-    prefix = tokenizer.apply_chat_template(messages[:last], tokenize=False, add_generation_prompt=True)
+    prefix = _generation_prefix(tokenizer, messages, last, prefixes)
     if text.startswith(prefix) and content in text[len(prefix):]:
         return text  # the template kept the content: its own text, unchanged
     stand_in = [*messages[:last], {**messages[last], "content": _PLACEHOLDER}, *messages[last + 1:]]
@@ -136,7 +143,8 @@ def render_and_mask(tokenizer, messages: list[dict], special_ids: set[int] | Non
     special_ids = _special_ids(tokenizer) if special_ids is None else special_ids
     # Llama/Nemotron templates trim each content; trimming first lets the content be found verbatim
     messages = [{**m, "content": m["content"].strip()} for m in messages]
-    text = _render(tokenizer, messages, keep_final_reasoning)
+    prefixes: dict = {}
+    text = _render(tokenizer, messages, keep_final_reasoning, prefixes)
     encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
     spans, cursor = [], 0
@@ -145,7 +153,7 @@ def render_and_mask(tokenizer, messages: list[dict], special_ids: set[int] | Non
         if message["role"] == "assistant":
             # the answer starts after the generation header: render the prefix so a header word can never
             # be mistaken for the content
-            prefix = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+            prefix = _generation_prefix(tokenizer, messages, index, prefixes)
             if text.startswith(prefix):
                 cursor = max(cursor, len(prefix))
         start = text.find(content, cursor)
