@@ -76,11 +76,11 @@ def _looks_like_hub_id(name: str) -> bool:
     return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
 
 
-def load_tokenizer(name_or_path: str, key: str = "model.tokenizer"):
+def load_tokenizer(name_or_path: str, key: str | None = None):
     """An HF tokenizer via `AutoTokenizer.from_pretrained`; `nemotune/tiny` loads the packaged tiny tokenizer.
 
-    `key` is the config key that named it (the error messages name it). A local directory is read with
-    local_files_only; a hub id is fetched only when the hub is reachable, else read from the local cache or
+    `key` is the config key that named it, when known (the error messages name it). A local directory is
+    read with local_files_only; a hub id is fetched only when the hub is reachable, else read from the local cache or
     refused at once with the download command. Every failure is one TokenizerError line.
     """
     from transformers import AutoTokenizer
@@ -89,9 +89,10 @@ def load_tokenizer(name_or_path: str, key: str = "model.tokenizer"):
     path = resolve_tokenizer_path(name)
     local = Path(path).is_dir()
     # the key to set in a fix: the model's own directory when its hub id was the fallback
-    fix_key = "model.hf_path" if key == "model.hub_id" else key
+    fix_key = {"model.hub_id": "model.hf_path", None: "model.tokenizer"}.get(key, key)
+    named = f"{key}={name}" if key else f"tokenizer {name}"
     if not local and not _looks_like_hub_id(name):
-        raise TokenizerError(f"{key}={name}: no such tokenizer directory; set {fix_key} to a directory holding "
+        raise TokenizerError(f"{named}: no such tokenizer directory; set {fix_key} to a directory holding "
                              f"tokenizer.json + tokenizer_config.json")
     offline = not local and hub_offline()
     try:
@@ -99,16 +100,16 @@ def load_tokenizer(name_or_path: str, key: str = "model.tokenizer"):
     except Exception as exc:  # OSError, ValueError, HF hub errors: all become one line with the fix
         if offline:
             raise TokenizerError(
-                f"{key}={name}: not a local directory, the Hugging Face hub is unreachable (offline) and {name} "
-                f"is not in its local cache; download it where there is network with `huggingface-cli download {name} --local-dir "
-                f"DIR` and set {fix_key}=DIR") from exc
+                f"{named}: not a local directory, the Hugging Face hub is unreachable (offline) and {name} "
+                f"is not in its local cache; download it where there is network with "
+                f"`huggingface-cli download {name} --local-dir DIR` and set {fix_key}=DIR") from exc
         reason = " ".join(str(exc).split())[:300]
-        raise TokenizerError(f"{key}={name}: cannot load the tokenizer ({type(exc).__name__}: {reason}); set "
+        raise TokenizerError(f"{named}: cannot load the tokenizer ({type(exc).__name__}: {reason}); set "
                              f"{fix_key} to a local directory holding tokenizer.json + tokenizer_config.json, or "
                              f"{TINY_TOKENIZER_NAME!r} for the packaged tiny tokenizer") from exc
     tokenizer.nemotune_name = name
     if getattr(tokenizer, "chat_template", None) is None:
-        raise TokenizerError(f"{key}={name}: the tokenizer has no chat_template; data_prep formats examples with "
+        raise TokenizerError(f"{named}: the tokenizer has no chat_template; data_prep formats examples with "
                              f"the model's own chat template (use the instruct/chat model's tokenizer)")
     return tokenizer
 

@@ -108,7 +108,8 @@ def test_task_prompt_placement_system_keeps_the_old_layout(llama3):
     placed = templating.apply_thinking_mode(messages, "thinking_off", "system")
     assert llama3.apply_chat_template(placed, tokenize=False) == (
         f"<|begin_of_text|>{header('system')}detailed thinking off\nBe brief.{EOT}"
-        f"{header('user')}Roth or traditional IRA?{EOT}{header('assistant')}It depends on your tax rate now and later.{EOT}")
+        f"{header('user')}Roth or traditional IRA?{EOT}"
+        f"{header('assistant')}It depends on your tax rate now and later.{EOT}")
     # a switch line already in the data is replaced, never repeated
     again = templating.apply_thinking_mode([{"role": "system", "content": "detailed thinking off\nBe brief."},
                                             *messages[1:]], "thinking_on")
