@@ -1,7 +1,12 @@
 """Packing vs padding every example to the longest in its batch: real tokens per step and padding waste.
 
 Data: the real FiQA test rows beside the checkout (../shared/data/fiqa/test.jsonl, when present) and the bundled
-FiQA-schema sample, chat-templated with the tiny tokenizer (system + question + answer, as data_prep does).
+FiQA-schema sample, chat-templated (system + question + answer, as data_prep does) with --tokenizer: the packaged
+tiny one by default, or a real one, e.g. the Llama-3.1 tokenizer beside the checkout (128,256 tokens):
+
+    python bench/packing.py --tokenizer ../shared/data/llama3_tokenizer
+
+Token lengths, and so packing figures, depend on the tokenizer: quote them with its name.
 A step processes `pack_size` token slots in both cases: one packed sequence (micro batch 1), or a batch of
 B examples padded to the longest of them, with B = the packing factor (same examples per step on average).
 
@@ -63,7 +68,8 @@ def main(argv=None) -> None:
     from nemotune.data_prep import packing
     from nemotune.data_prep.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(args.tokenizer)
+    tokenizer = load_tokenizer(args.tokenizer, key="--tokenizer")
+    print(f"tokenizer: {args.tokenizer} ({len(tokenizer):,} tokens)")
     print(f"command: python {shlex.join(['bench/packing.py', *(argv if argv is not None else sys.argv[1:])])}")
     header = (f"{'dataset':<15} {'pack':>5} {'ex':>4} {'drop':>4} {'packs':>5} {'factor':>6} {'pack eff':>8} "
               f"{'B':>3} {'pad eff':>8} {'real tok/step packed':>20} {'padded':>8} {'speed-up':>8} {'FFD s':>6}")

@@ -75,7 +75,7 @@ class Ours:
     name = "nemotune (megatron-core)"
 
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
-        from nemotune.data_prep.tokenizer import load_tokenizer
+        from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
         from nemotune.recipes import lora_sft
         from nemotune.recipes.engine.config import compose, validate
         from nemotune.recipes.engine.trainer import SupervisedTrainer
@@ -88,7 +88,7 @@ class Ours:
         validate(cfg)
         self.cfg = cfg
         lora_sft.init_from_config(cfg)
-        tokenizer = load_tokenizer(cfg.model.tokenizer)
+        tokenizer = load_tokenizer(*model_tokenizer(cfg.model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.samples = lora_sft.load_samples(cfg, split, tokenizer)
         hf = lora_sft.hf_config_of(cfg)

@@ -17,7 +17,7 @@ Configuration is composed with Hydra from conf/prep.yaml (groups: model=, data=)
   python -m nemotune.data_prep data.format=nemo_chat data.path=chat.jsonl  # NeMo {"system","conversations","mask"}
   python -m nemotune.data_prep data.system_prompt_mode=thinking_off        # Nemotron "detailed thinking off" line
   python -m nemotune.data_prep data.pack_size=8192 data.max_seq_length=8192 data.pad_seq_to_mult=4 data.num_proc=2
-  python -m nemotune.data_prep tokenizer=/models/llama31/             # tokenizer dir (default: ${model.tokenizer})
+  python -m nemotune.data_prep tokenizer=/models/llama31/             # tokenizer dir (default: the model's own)
   python -m nemotune.data_prep --validate-only data.path=raw.jsonl    # list every problem with file:line, write nothing
 
 Outputs (data.output_dir, default work/prep/<data.name>): manifest.json, splits.csv, config.json,
@@ -51,12 +51,12 @@ def compose(overrides: list[str], config_dir: str | Path | None = None, config_n
 
 
 def tokenizer_name(cfg) -> str:
-    name = cfg.get("tokenizer") or (cfg.get("model") or {}).get("tokenizer")
-    if not name:
-        from nemotune.data_prep.formats import DataPrepError
+    """`tokenizer=` when given, else the model's own (model.tokenizer, model.hf_path's files, model.hub_id)."""
+    if cfg.get("tokenizer"):
+        return str(cfg.tokenizer)
+    from nemotune.data_prep.tokenizer import model_tokenizer
 
-        raise DataPrepError("no tokenizer: set model.tokenizer (model=tiny gives nemotune/tiny) or tokenizer=<dir>")
-    return str(name)
+    return model_tokenizer(cfg.get("model") or {})[0]
 
 
 def main(argv: list[str] | None = None) -> int:

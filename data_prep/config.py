@@ -14,6 +14,7 @@ FIQA_SYSTEM_PROMPT = (
 SOURCES = ("hf", "local")
 FORMATS = ("auto", "fields", "messages", "nemo_chat", "input_output")
 SYSTEM_PROMPT_MODES = ("none", "thinking_on", "thinking_off")
+TASK_PROMPT_PLACEMENTS = ("user", "system")
 TRUNCATIONS = ("drop", "truncate_prompt")
 PACK_ALGORITHMS = ("first_fit_decreasing", "first_fit_shuffle")
 
@@ -46,6 +47,12 @@ class DataConfig:
     stratify_buckets: int = 4  # answer-length quantile buckets
     system_prompt: Optional[str] = FIQA_SYSTEM_PROMPT
     system_prompt_mode: str = "none"  # none | thinking_on | thinking_off (Nemotron "detailed thinking" line)
+    # with a thinking mode the system turn is the switch line alone (the Nemotron Nano model card); the task's
+    # system prompt goes to the start of the first user turn (user) or after the switch line (system)
+    task_prompt_placement: str = "user"
+    # the final assistant turn keeps its <think>...</think> reasoning (in the loss) even where the chat
+    # template drops it; earlier turns are always rendered as the template does
+    keep_final_reasoning: bool = True
     output_dir: str = "work/prep/${data.name}"
     max_seq_length: int = 4096
     truncation: str = "drop"  # drop | truncate_prompt
@@ -81,6 +88,8 @@ def check_data_config(data: Any) -> DataConfig:
     need(cfg.format in FORMATS, "format", f"{cfg.format!r} is not one of {FORMATS}")
     need(cfg.system_prompt_mode in SYSTEM_PROMPT_MODES, "system_prompt_mode",
          f"{cfg.system_prompt_mode!r} is not one of {SYSTEM_PROMPT_MODES}")
+    need(cfg.task_prompt_placement in TASK_PROMPT_PLACEMENTS, "task_prompt_placement",
+         f"{cfg.task_prompt_placement!r} is not one of {TASK_PROMPT_PLACEMENTS}")
     need(cfg.truncation in TRUNCATIONS, "truncation", f"{cfg.truncation!r} is not one of {TRUNCATIONS}")
     need(cfg.pack_algorithm in PACK_ALGORITHMS, "pack_algorithm",
          f"{cfg.pack_algorithm!r} is not one of {PACK_ALGORITHMS}")

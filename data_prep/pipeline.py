@@ -25,6 +25,10 @@ MAX_LISTED_PROBLEMS = 50
 # Keys that change how prep runs but never what it writes: left out of config.json/manifest so outputs are
 # byte-identical across num_proc and output locations.
 EXECUTION_ONLY_KEYS = ("num_proc", "output_dir", "validate_only", "skip_bad")
+# NeMo's packed convention, which the trainer reads: a pack's loss_mask is shifted against its input_ids.
+LOSS_MASK_ALIGNMENT = ("label (loss_mask[i] weights the label at position i, i.e. predicting input_ids[i+1]; "
+                       "each document's last position is 0; <split>.tokenized.jsonl keeps the token-aligned "
+                       "mask: loss_mask[i] weights input_ids[i])")
 
 
 @dataclass
@@ -52,12 +56,13 @@ def _init_worker(tokenizer_name: str) -> None:
 
 
 def _encode_chunk(args) -> list:
-    conversations, max_seq_length, truncation = args
+    conversations, max_seq_length, truncation, keep_final_reasoning = args
     tokenizer, special = _WORKER["tokenizer"], _WORKER["special"]
     results = []
     for messages in conversations:
         try:
-            results.append(templating.encode(tokenizer, messages, max_seq_length, truncation, special))
+            results.append(templating.encode(tokenizer, messages, max_seq_length, truncation, special,
+                                             keep_final_reasoning))
         except templating.MaskError as exc:
             results.append(exc)
     return results
@@ -65,7 +70,8 @@ def _encode_chunk(args) -> list:
 
 def tokenize_all(examples: list[Example], tokenizer, tokenizer_name: str, cfg: DataConfig) -> list:
     """Encoded (or MaskError) per example, in input order; identical for any num_proc."""
-    chunks = [([e.messages for e in examples[i:i + CHUNK]], cfg.max_seq_length, cfg.truncation)
+    chunks = [([e.messages for e in examples[i:i + CHUNK]], cfg.max_seq_length, cfg.truncation,
+               cfg.keep_final_reasoning)
               for i in range(0, len(examples), CHUNK)]
     results: list = []
     bar = _progress(None, len(examples), f"tokenize (num_proc={cfg.num_proc})")
@@ -229,7 +235,7 @@ def _write_split(tmp: Path, split: str, examples, encoded, cfg: DataConfig, pad_
         packs = packing.build_packs(items, bins)
         meta = packing.packing_stats(padded_lengths, bins, cfg.pack_size, real_lengths=lengths)
         meta.update(algorithm=cfg.pack_algorithm, seed=cfg.seed, pad_seq_to_mult=cfg.pad_seq_to_mult, pad_id=pad_id,
-                    split=split, loss_mask_alignment="token (loss_mask[i] weights predicting input_ids[i])")
+                    split=split, loss_mask_alignment=LOSS_MASK_ALIGNMENT)
         formats.write_packed(formats.packed_path(tmp, split, cfg.pack_size, cfg.seed), packs, meta)
         manifest["packing"][split] = meta
         row.update(packs=meta["n_packs"], efficiency=meta["packing_efficiency"])

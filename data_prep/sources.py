@@ -16,10 +16,10 @@ from typing import Any, Optional
 
 from nemotune.data_prep.config import DataConfig
 from nemotune.data_prep.formats import DataPrepError, from_nemo_chat, messages_problems
+from nemotune.data_prep.templating import apply_thinking_mode
 
 LOCAL_EXTENSIONS = (".jsonl", ".json", ".csv", ".parquet")
 SAMPLE_PREFIX = "nemotune/"
-THINKING_LINES = {"thinking_on": "detailed thinking on", "thinking_off": "detailed thinking off"}
 
 
 @dataclass
@@ -277,12 +277,6 @@ def record_to_messages(record: Any, cfg: DataConfig) -> list[dict]:
     messages = [{"role": m["role"], "content": m["content"].strip()} for m in messages]
     if not system_from_data and cfg.system_prompt:
         messages.insert(0, {"role": "system", "content": cfg.system_prompt.strip()})
-    thinking = THINKING_LINES.get(cfg.system_prompt_mode)
-    if thinking:
-        if messages[0]["role"] == "system":
-            messages[0] = {"role": "system", "content": f"{thinking}\n{messages[0]['content']}"}
-        else:
-            messages.insert(0, {"role": "system", "content": thinking})
     return messages
 
 
@@ -305,7 +299,8 @@ def to_examples(loaded: LoadedData, cfg: DataConfig) -> tuple[list[Example], lis
         except ValueError as exc:
             problems.append(Problem(row.source, row.line, str(exc), row.record))
             continue
-        eid = example_id(row.record, messages, cfg)
+        eid = example_id(row.record, messages, cfg)  # before the thinking switch moves any system text
+        messages = apply_thinking_mode(messages, cfg.system_prompt_mode, cfg.task_prompt_placement)
         if eid in seen:
             first = seen[eid]
             problems.append(Problem(row.source, row.line, f"duplicate of {first.source}:{first.line} (id {eid})",

@@ -37,6 +37,23 @@ Multi-process: torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel
 
 # ---- setup helpers (each step of the story is called from train() below) ---------------------------
 
+def model_tokenizer(cfg: DictConfig, hf: dict):
+    """The tokenizer training uses: the model's own unless model.tokenizer names another (see
+    data_prep/tokenizer.py:model_tokenizer), refused when it has more ids than the embedding table."""
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer as resolve
+
+    name, key = resolve(cfg.model)
+    tokenizer = load_tokenizer(name, key=key)
+    tokenizer.nemotune_key = key
+    vocab = int(hf.get("vocab_size") or 0)
+    if len(tokenizer) > vocab:
+        source = f"model.hf_path={cfg.model.hf_path}" if cfg.model.hf_path else f"model={cfg.model.name}"
+        raise ValueError(f"{key}={name}: the tokenizer has {len(tokenizer)} ids but the model's embedding table "
+                         f"({source}) has vocab_size={vocab}: they do not belong together; set model.tokenizer="
+                         f"null to use the model's own tokenizer, or name the one it was trained with")
+    return tokenizer
+
+
 def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]:
     """Packed or per-example samples of one split, refusing data made by another tokenizer."""
     from nemotune.data_prep import formats
@@ -49,10 +66,15 @@ def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]
     manifest = formats.read_manifest(out)
     expected, found = tokenizer_fingerprint(tokenizer), manifest.get("tokenizer", {})
     if not same_tokenizer(expected, found):
-        raise ValueError(f"data.output_dir={out} was tokenized by another tokenizer ({found.get('name')}, "
-                         f"tokenizer.json sha256 {str(found.get('tokenizer_json_sha256'))[:12]}) than the "
-                         f"model's {cfg.model.tokenizer} ({expected['tokenizer_json_sha256'][:12]}); re-run "
-                         f"`nemotune prep` with model={cfg.model.name}")
+        key = getattr(tokenizer, "nemotune_key", "model.tokenizer")
+        differs = ", ".join(k for k in ("tokenizer_json_sha256", "chat_template_sha256", "vocab_size")
+                            if expected.get(k) != found.get(k))
+        raise ValueError(f"data.output_dir={out} was tokenized by another tokenizer ({found.get('name')}) than "
+                         f"the one training uses, {key}={expected['name']} ({differs} differ; tokenizer.json sha256 "
+                         f"{str(found.get('tokenizer_json_sha256'))[:12]} vs {expected['tokenizer_json_sha256'][:12]}"
+                         f"); re-run `nemotune prep` with the same model settings (model={cfg.model.name}"
+                         f"{' model.hf_path=' + str(cfg.model.hf_path) if cfg.model.hf_path else ''}), or set "
+                         f"model.tokenizer={found.get('name')} if that is the tokenizer you mean")
     if cfg.data.packing:
         path = formats.packed_path(out, split, cfg.data.pack_size, cfg.data.seed)
         records = formats.load_packed(path)
@@ -71,7 +93,7 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
     return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
             "target_modules": resolve_targets(list(lora.target_modules)),
             "layer_selection": None if lora.layer_selection is None else list(lora.layer_selection),
-            "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.tokenizer,
+            "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.hub_id,
             "base_checkpoint": cfg.model.checkpoint}
 
 
@@ -196,7 +218,6 @@ class TrainResult:
 
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
-    from nemotune.data_prep.tokenizer import load_tokenizer
     from nemotune.recipes.engine.preemption import PreemptionHandler
     from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints
     from nemotune.recipes.engine.model import te_available
@@ -205,13 +226,13 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
     run_dir = Path(run_dir or cfg.run.output_dir)
     # 1. distributed (nccl on GPU, gloo on CPU) and megatron's parallel state
     init_from_config(cfg)
-    # 2. tokenizer and the prepared data it must have produced
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    # 2. the model's tokenizer (it must fit the embedding table) and the prepared data it must have produced
+    hf = hf_config_of(cfg)
+    tokenizer = model_tokenizer(cfg, hf)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
     val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
     # 3. model: base weights frozen, LoRA adapters trainable
-    hf = hf_config_of(cfg)
     model = build_lora_model(cfg, hf)
     # 4. DDP, optimizer, LR schedule
     model_chunks, optimizer = wrap_for_training(cfg, model)
@@ -250,7 +271,6 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
     """
     import math
 
-    from nemotune.data_prep.tokenizer import load_tokenizer
     from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     cfg = cfg.copy()
@@ -262,10 +282,10 @@ def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None
         cfg.parallel.context_parallel_size = 1
         cfg.parallel.sequence_parallel = False
     init_from_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    hf = hf_config_of(cfg)
+    tokenizer = model_tokenizer(cfg, hf)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     samples = load_samples(cfg, split, tokenizer)
-    hf = hf_config_of(cfg)
     model = build_lora_model(cfg, hf) if with_lora else _base_only(cfg, hf)
     cfg.trainer.sft.limit_val_batches = 1.0
     cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size * max(

@@ -232,11 +232,20 @@ def test_manifest_tokenizer_hashes_change_with_the_tokenizer(conf_dir, sample_ou
 
 
 def test_thinking_mode_adds_the_nemotron_system_line(conf_dir, tmp_path):
+    from nemotune.data_prep.config import FIQA_SYSTEM_PROMPT
+
     for mode, line in (("thinking_on", "detailed thinking on"), ("thinking_off", "detailed thinking off")):
         out = tmp_path / mode
         assert run_prep(conf_dir, out, f"data.system_prompt_mode={mode}", "data.splits=[validation]") == 0
-        first = formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"][0]
-        assert first["role"] == "system" and first["content"].split("\n")[0] == line
+        system, user, _ = formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"]
+        # the model card's layout: the switch line alone, the task's system prompt leading the user turn
+        assert system == {"role": "system", "content": line}
+        assert user["content"].startswith(FIQA_SYSTEM_PROMPT + "\n\n")
+    out = tmp_path / "placement_system"
+    assert run_prep(conf_dir, out, "data.system_prompt_mode=thinking_on", "data.task_prompt_placement=system",
+                    "data.splits=[validation]") == 0
+    system = formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"][0]
+    assert system["content"] == f"detailed thinking on\n{FIQA_SYSTEM_PROMPT}"
     out = tmp_path / "none"
     assert run_prep(conf_dir, out, "data.system_prompt_mode=none", "data.system_prompt=null",
                     "data.splits=[validation]") == 0

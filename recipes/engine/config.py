@@ -41,7 +41,9 @@ class ModelConfig:
     # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
     hf_config: Dict[str, Any] = field(default_factory=dict)
     hf_path: Optional[str] = None
-    tokenizer: str = "nemotune/tiny"
+    # null = the model's own: hf_path's tokenizer files when it has them, else hub_id's
+    tokenizer: Optional[str] = None
+    hub_id: Optional[str] = "nemotune/tiny"  # the model's hub id (nemotune/tiny: the packaged tiny tokenizer)
     # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
     checkpoint: Optional[str] = None
 

@@ -52,13 +52,13 @@ def config(name: str, extra=()):
 
 def packed_vs_unpacked(layout: str) -> dict:
     """Loss of one pack vs the same documents as separate padded rows, through the training schedule."""
-    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
     from nemotune.recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
     from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     cfg = config(layout)
     init_from_config(cfg)
-    tokenizer = load_tokenizer(cfg.model.tokenizer)
+    tokenizer = load_tokenizer(*model_tokenizer(cfg.model))
     packs = load_samples(cfg, "eval", tokenizer)
     pack = max(packs, key=lambda s: len(s.seq_start_id))
     hf = hf_config_of(cfg)
@@ -81,7 +81,7 @@ def packed_vs_unpacked(layout: str) -> dict:
 
 
 def two_stage() -> dict:
-    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
     from nemotune.recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
     from nemotune.recipes.engine.trainer import SupervisedTrainer
     from nemotune.recipes.two_stage import run_stages, stage_configs
@@ -94,7 +94,7 @@ def two_stage() -> dict:
     (_, stage2_cfg) = stage_configs(cfg)[1]
     stage2_cfg.peft.restore_from = str(results[0].adapter_dir)
     init_from_config(stage2_cfg)
-    tokenizer = load_tokenizer(stage2_cfg.model.tokenizer)
+    tokenizer = load_tokenizer(*model_tokenizer(stage2_cfg.model))
     samples = load_samples(stage2_cfg, stage2_cfg.trainer.train_split, tokenizer)
     hf = hf_config_of(stage2_cfg)
     evaluator = SupervisedTrainer(cfg=stage2_cfg, model=[build_lora_model(stage2_cfg, hf)], optimizer=None,
