@@ -378,7 +378,7 @@ def plan(inp: PlanInput) -> Plan:
             notes.append(f"1F1B bubble (PP-1)/m = {bubble:.2f} of the step")
     trainable = lora_parameters(hf, inp.lora) if inp.lora else total_parameters(hf)
     return Plan(input=inp, stage=stage, parts=stages[stage], trainable_parameters=trainable,
-                total_parameters=total_parameters(hf), step_flops=total_flops, tokens_per_step=tokens,
+                total_parameters=total_parameters(hf) + (trainable if inp.lora else 0), step_flops=total_flops, tokens_per_step=tokens,
                 step_time_s=time_s, tokens_per_s_per_gpu=tokens_s, notes=notes)
 
 
