@@ -127,8 +127,9 @@ def child(name: str, steps: int) -> dict:
             "total_parameters": summary.total_parameters, "losses": losses, "step_time_s": times}
 
 
-def predict(name: str, runtime_bytes=None):
-    """The planner's prediction for configuration `name` (CPU, fp32, one process)."""
+def predict(name: str, runtime_bytes=None, chunked_loss=None):
+    """The planner's prediction for configuration `name` (CPU, fp32, one process); chunked_loss None = what the
+    trainer does here (plan.chunked_loss_default)."""
     from nemotune.recipes.engine import plan
     from nemotune.recipes.engine.lora import resolve_targets
 
@@ -136,7 +137,8 @@ def predict(name: str, runtime_bytes=None):
     return plan.plan(plan.PlanInput(
         hf=hf_config(spec["model"]), layout=plan.Layout(), micro_batch_size=1, global_batch_size=1,
         seq_length=spec["seq"], lora=plan.Lora(dim=spec["lora_dim"], targets=tuple(resolve_targets(spec["targets"]))),
-        device="cpu", precision="fp32", chunked_loss=False, peak_tflops=None, runtime_bytes=runtime_bytes))
+        device="cpu", precision="fp32", peak_tflops=None, runtime_bytes=runtime_bytes,
+        chunked_loss=plan.chunked_loss_default() if chunked_loss is None else chunked_loss))
 
 
 def main(argv=None) -> int:
@@ -162,7 +164,7 @@ def main(argv=None) -> int:
             return 1
         result = json.loads(lines[-1][len(TAG):])
         predicted = predict(name)
-        result.update(predicted_bytes=predicted.total_bytes, wall_s=time.perf_counter() - start,
+        result.update(predicted_bytes=predicted.total_bytes, chunked_loss=predicted.input.chunked_loss, wall_s=time.perf_counter() - start,
                       predicted_parts={k: v for k, v in predicted.parts.items()},
                       ratio=predicted.total_bytes / result["peak_rss_bytes"])
         rows.append(result)

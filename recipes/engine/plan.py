@@ -15,7 +15,8 @@ and counts, on the most-loaded pipeline stage:
                      micro-batches in flight (1F1B: stage s holds min(PP - s, m) of them)
   logits / loss      [tokens x vocab/TP] logits: megatron's vocab-parallel cross-entropy turns the fp32 logits
                      into the softmax in place and reuses it as the gradient, so fp32 logits cost 4 bytes per
-                     element; bf16 logits add the transient bf16 copy (2 + 4 bytes). A chunked loss holds only
+                     element; bf16 logits add the transient bf16 copy (2 + 4 bytes). A chunked loss
+                     (nemotune.recipes.engine.loss, where present: `chunked_loss_default`) holds only
                      `loss_chunk_tokens` rows at a time.
   comm buffers       megatron's sequence-parallel all-gather buffer (one [s, b, h] tensor) and the pipeline's
                      send / receive tensors; DDP reduces the grad buffer in place (no copy)
@@ -63,10 +64,22 @@ CPU_RUNTIME_BYTES = int(0.38 * GiB)
 # freed) in the heap, so a CPU step's peak RSS exceeds its live tensors by a fraction of the activations:
 # fitted on bench/plan_accuracy.py's runs (0.75-1.0; with MALLOC_MMAP_THRESHOLD_=65536 it vanishes)
 CPU_HEAP_RETENTION = 0.8
-# megatron's vocab_parallel_cross_entropy materializes the whole [tokens x vocab/TP] logits (no chunking in
-# recipes/engine yet); a chunked loss (issue 13) would hold loss_chunk_tokens rows at a time
-CHUNKED_LOSS_DEFAULT = False
-LOSS_CHUNK_TOKENS = 1024
+# a chunked linear + cross-entropy (nemotune.recipes.engine.loss where present) holds this many fp32 logits
+# elements at a time (its DEFAULT_CHUNK_ELEMENTS): loss_chunk_tokens = this // (vocab / TP) unless set
+LOSS_CHUNK_ELEMENTS = 2 ** 25
+
+
+def chunked_loss_default() -> bool:
+    """What the trainer does: chunked when nemotune.recipes.engine.loss exists and NEMOTUNE_LOSS_IMPL is not
+    `plain`; megatron's vocab_parallel_cross_entropy (the whole [tokens x vocab/TP] logits) otherwise."""
+    try:
+        from nemotune.recipes.engine import loss
+    except ImportError:
+        return False
+    try:
+        return loss.loss_impl() != "plain"
+    except (AttributeError, ValueError):
+        return False
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
 _UNITS = {"": GiB, "B": 1, "K": 1e3, "KB": 1e3, "KI": 2**10, "KIB": 2**10, "M": 1e6, "MB": 1e6, "MI": 2**20,
@@ -124,8 +137,8 @@ class PlanInput:
     device: str = "gpu"  # gpu | cpu
     precision: str = "bf16"  # bf16 | fp32 (params and activations)
     recompute: str = "none"
-    chunked_loss: bool = CHUNKED_LOSS_DEFAULT
-    loss_chunk_tokens: int = LOSS_CHUNK_TOKENS
+    chunked_loss: bool = field(default_factory=chunked_loss_default)
+    loss_chunk_tokens: Optional[int] = None  # None = LOSS_CHUNK_ELEMENTS // (vocab / TP)
     document_tokens: Optional[int] = None  # tokens per document for the attention FLOPs; None = seq_length
     mfu: float = 0.4
     peak_tflops: Optional[float] = flops.PEAK_BF16_TFLOPS["H100"]
@@ -256,11 +269,16 @@ def activation_bytes(hf: Mapping, inp: PlanInput, layers: int, in_flight: int) -
 def logits_bytes(hf: Mapping, inp: PlanInput) -> int:
     vocab = hf["vocab_size"] / inp.layout.tp
     tokens = inp.micro_batch_size * inp.seq_length / inp.layout.cp
-    if inp.chunked_loss:
-        tokens = min(tokens, inp.loss_chunk_tokens)
+    hidden_rows = tokens
     per_element = 4 if inp.precision == "fp32" else 2 + 4  # fp32 softmax in place; bf16 adds its own copy
+    if inp.chunked_loss:
+        tokens = min(tokens, inp.loss_chunk_tokens or max(1, int(LOSS_CHUNK_ELEMENTS // vocab)))
+    if inp.chunked_loss and hidden_rows > tokens:
+        # the chunk being computed and the previous chunk's fp32 probabilities, still referenced by the loop
+        # of nemotune.recipes.engine.loss when the next chunk's logits are allocated (measured: +128 MiB)
+        per_element += 4
     # final-norm output (h) and its gradient alongside
-    return int(tokens * vocab * per_element + 2 * tokens * hf["hidden_size"] * (2 if inp.precision == "bf16" else 4))
+    return int(tokens * vocab * per_element + 2 * hidden_rows * hf["hidden_size"] * (2 if inp.precision == "bf16" else 4))
 
 
 # ---- the plan --------------------------------------------------------------------------------------
