@@ -518,11 +518,16 @@ def device_memory_bytes() -> Optional[int]:
 
 def memory_warning(cfg, device_bytes: Optional[int] = None) -> Optional[str]:
     """A warning line when the planned per-GPU memory of `cfg` exceeds the device (default: this CUDA device)."""
+    import os
+
+    if os.environ.get("RANK", "0") != "0":  # one warning per job, not one per rank
+        return None
     device_bytes = device_bytes or device_memory_bytes()
     if not device_bytes:
         return None
+    world = int(os.environ["WORLD_SIZE"]) if "WORLD_SIZE" in os.environ else None  # torchrun's, as validate()
     try:
-        p = plan(input_from_config(cfg, device="gpu"))
+        p = plan(input_from_config(cfg, device="gpu", world=world))
     except (ValueError, KeyError, TypeError):
         return None  # validate() reports the config's own problems
     if p.fits(device_bytes):
