@@ -186,11 +186,11 @@ def lora_layer_parameters(hf: Mapping, lora: Lora, tp: int = 1) -> int:
     r, total = lora.dim, 0
     for target in lora.targets:
         if target == "linear_qkv":
-            heads_in = 3 if lora.variant == "canonical" else 1  # q, k, v each own an A (canonical)
-            total += heads_in * h * r + r * (q + 2 * kv) // tp
+            a_matrices = 3 if lora.variant == "canonical" else 1  # q, k, v each own an A (canonical)
+            total += a_matrices * h * r + r * (q + 2 * kv) // tp
         elif target == "linear_fc1":
-            heads_in = 2 if lora.variant == "canonical" else 1
-            total += heads_in * h * r + r * 2 * f // tp
+            a_matrices = 2 if lora.variant == "canonical" else 1
+            total += a_matrices * h * r + r * 2 * f // tp
         elif target == "linear_proj":
             total += q * r // tp + r * h
         elif target == "linear_fc2":
