@@ -17,6 +17,7 @@ VERBS = {
     "train": ("nemotune.recipes.lora_sft", "LoRA SFT on megatron-core (single or multi-stage)"),
     "eval": ("nemotune.recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
     "launch": ("nemotune.recipes.launch", "run training with torchrun locally or submit it to Slurm"),
+    "plan": ("nemotune.recipes.plan", "per-GPU memory by part and step time of a config; layouts that fit N GPUs"),
     "demo": ("nemotune.recipes.demo", "the whole pipeline on the embedded tiny model, on CPU"),
 }
 

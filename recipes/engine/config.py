@@ -290,6 +290,13 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
         pass
     if problems:
         raise ConfigError(problems)
+    import sys
+
+    from nemotune.recipes.engine.plan import memory_warning  # a warning, never a problem: the plan is a model
+
+    warning = memory_warning(cfg)
+    if warning:
+        print(warning, file=sys.stderr)
 
 
 def _divisors(n: int) -> List[int]:
