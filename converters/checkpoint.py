@@ -264,11 +264,10 @@ def _with_peft_adapter(hf_model, adapter, peft_dir, tmp: Path):
 
 def _apply_adapter(model, adapter) -> None:
     from nemotune.converters.formats.adapters import load_adapter
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora, load_adapter_state
+    from nemotune.converters.formats.adapters import DEFAULT_VARIANT
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state
 
     state, config = load_adapter(adapter)
-    apply_lora(model, LoraConfig(dim=config["dim"], alpha=config["alpha"],
-                                 target_modules=list(config["target_modules"]),
-                                 layer_selection=config.get("layer_selection"),
-                                 variant=config.get("variant", "nemo")))
+    apply_lora(model, LoraConfig.of({"variant": DEFAULT_VARIANT, **config}))
     load_adapter_state(model, state)

@@ -78,7 +78,8 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 def build_lora_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
     from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora, load_adapter_state, print_trainable
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state, print_trainable
     from nemotune.recipes.engine.model import build_gpt_model
 
     precision = cfg.trainer.precision
@@ -88,12 +89,8 @@ def build_lora_model(cfg: DictConfig, hf: dict):
                             calculate_per_token_loss=True)
     if cfg.model.checkpoint:
         load_megatron_weights(model, cfg.model.checkpoint)
-    lora = cfg.peft.lora
-    apply_lora(model, LoraConfig(dim=lora.dim, alpha=lora.alpha, dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules),
-                                 layer_selection=None if lora.layer_selection is None
-                                 else list(lora.layer_selection),
-                                 init_method_a=lora.init_method_a, variant=lora.variant, seed=cfg.run.seed))
+    lora = LoraConfig.of(cfg.peft.lora)
+    apply_lora(model, lora, seed=cfg.run.seed)
     if cfg.peft.restore_from:
         from nemotune.converters.formats.adapters import load_adapter
 

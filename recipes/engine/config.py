@@ -10,7 +10,7 @@ group or model exists.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -20,8 +20,9 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, OmegaConf
 
+from nemotune.converters.formats.adapters import VARIANTS
 from nemotune.data_prep.config import DataConfig
-from nemotune.launchers.config import ClusterConfig
+from nemotune.launchers.config import ClusterConfig, validate_cluster
 
 
 @dataclass
@@ -47,22 +48,36 @@ class ModelConfig:
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
+    """LoRA settings: `peft.lora` of the config, the argument of `apply_lora`, the fields of adapter_config.json."""
     dim: int = 32
-    alpha: int = 32
+    alpha: float = 32.0  # effective scale alpha / dim
     dropout: float = 0.0
+    # linear_qkv, linear_proj, linear_fc1, linear_fc2, HF names (q_proj, ..., down_proj) or all-linear
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     layer_selection: Optional[List[int]] = None  # 1-based global layer numbers, as in NeMo; null = all
-    init_method_a: str = "kaiming"
+    init_method_a: str = "kaiming"  # kaiming (uniform, a=sqrt(5), as nn.Linear / HF PEFT) or xavier
     # canonical: one adapter per HF projection (q, k, v, gate, up each with its own A): HF PEFT's layout and
     # parameter counts, exported 1:1. nemo: NeMo's fused lora_kqv_adapter / lora_hto4h_adapter (one shared A).
     variant: str = "canonical"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.dim
+
+    @classmethod
+    def of(cls, values: Any) -> "LoraConfig":
+        """From a `peft.lora` config node or an adapter_config.json dict (its other keys are ignored)."""
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
 class PeftConfig:
     peft_scheme: str = "lora"
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # an adapter to start from: a nemotune checkpoint / adapter dir, or a Hugging Face PEFT dir
     restore_from: Optional[str] = None
 
@@ -262,16 +277,14 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     stage_names = [stage.name for stage in cfg.stages]
     if cfg.run.stage is not None and cfg.run.stage not in stage_names:
         problems.append(f"run.stage={cfg.run.stage}: not a stage of this experiment; use one of {stage_names}")
-    if cfg.peft.lora.variant not in ("canonical", "nemo"):
-        problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use canonical or nemo")
+    if cfg.peft.lora.variant not in VARIANTS:
+        problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use one of {', '.join(VARIANTS)}")
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
-    try:
-        from nemotune.recipes.engine.lora import resolve_targets
+    from nemotune.recipes.engine.lora import resolve_targets
 
+    try:
         resolve_targets(list(cfg.peft.lora.target_modules))
-    except ImportError:
-        pass
     except ValueError as err:
         problems.append(f"peft.lora.target_modules: {err}")
     if check_files:
@@ -280,12 +293,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             if value and not Path(value).exists():
                 problems.append(f"{key}={value}: no such file or directory; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
-    try:
-        from nemotune.launchers.config import validate_cluster
-
-        problems.extend(validate_cluster(cfg))
-    except ImportError:
-        pass
+    problems.extend(validate_cluster(cfg))
     if problems:
         raise ConfigError(problems)
 
