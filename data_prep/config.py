@@ -46,7 +46,7 @@ class DataConfig:
     stratify_buckets: int = 4  # answer-length quantile buckets
     system_prompt: Optional[str] = FIQA_SYSTEM_PROMPT
     system_prompt_mode: str = "none"  # none | thinking_on | thinking_off (Nemotron "detailed thinking" line)
-    output_dir: str = "work/prep/${data.name}"
+    output_dir: str = "work/prep/${.name}"  # relative: resolves inside the data node or alone
     max_seq_length: int = 4096
     truncation: str = "drop"  # drop | truncate_prompt
     packing: bool = True

@@ -115,7 +115,7 @@ def wrap_for_training(cfg: DictConfig, model):
     """megatron DDP (adapters only in grad buckets), its optimizer and a cosine schedule with warmup."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
     config = model.config
     ddp = DistributedDataParallel(
@@ -125,15 +125,22 @@ def wrap_for_training(cfg: DictConfig, model):
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
-    optim = cfg.trainer.optim
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
-                        clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=config.bf16,
-                        params_dtype=config.params_dtype,
-                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
-        [ddp])
+    optimizer = get_megatron_optimizer(optimizer_config(cfg, config), [ddp])
     return [ddp], optimizer
+
+
+def optimizer_config(cfg: DictConfig, model_config):
+    """megatron-core's OptimizerConfig for `trainer.optim` (name: adamw, adam or sgd; validate() refuses others)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    optim = cfg.trainer.optim
+    return OptimizerConfig(optimizer="sgd" if optim.name == "sgd" else "adam",
+                           decoupled_weight_decay=optim.name == "adamw", sgd_momentum=optim.momentum,
+                           lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                           adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                           clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=model_config.bf16,
+                           params_dtype=model_config.params_dtype,
+                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
 
 
 def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):

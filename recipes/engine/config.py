@@ -18,7 +18,7 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nemotune.converters.formats.adapters import VARIANTS
 from nemotune.data_prep.config import DataConfig
@@ -38,11 +38,12 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    """A model group file (conf/model/<name>.yaml) names the model, its architecture and its tokenizer."""
+    name: str = MISSING
     # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
-    hf_config: Dict[str, Any] = field(default_factory=dict)
+    hf_config: Dict[str, Any] = MISSING
     hf_path: Optional[str] = None
-    tokenizer: str = "nemotune/tiny"
+    tokenizer: str = MISSING
     # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
     checkpoint: Optional[str] = None
 
@@ -97,20 +98,26 @@ class SftConfig:
     max_epochs: int = 1
     max_steps: int = -1
     # int: every N steps; float in (0, 1]: that fraction of an epoch
-    val_check_interval: float = 1.0
+    val_check_interval: float = 0.5
     save_interval: int = -1  # steps; -1 = at every validation; must be a multiple of val_check_interval
     limit_val_batches: float = 1.0  # int >= 1: that many batches; float in (0, 1]: that fraction
     gradient_clip_val: float = 1.0
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")  # megatron-core's OptimizerConfig.optimizer, decoupled_weight_decay
+
+
 @dataclass
 class OptimConfig:
-    name: str = "adam"
+    # adamw: Adam with decoupled weight decay (megatron's default "adam"); adam: L2 weight decay added to the
+    # gradient; sgd: SGD with `momentum`
+    name: str = "adamw"
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
     warmup_steps: int = 10
     scheduler: str = "cosine"
 
@@ -268,6 +275,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if sft.save_interval > 0 and vci >= 1 and sft.save_interval % int(vci):
         problems.append(f"trainer.sft.save_interval={sft.save_interval}: must be a multiple of "
                         f"val_check_interval={int(vci)}")
+    if tr.optim.name not in OPTIMIZERS:
+        problems.append(f"trainer.optim.name={tr.optim.name}: not an optimizer megatron-core provides here; "
+                        f"use one of {', '.join(OPTIMIZERS)}")
     if tr.optim.lr <= 0:
         problems.append(f"trainer.optim.lr={tr.optim.lr}: must be > 0")
     if tr.precision not in ("auto", "fp32", "bf16"):
