@@ -173,8 +173,7 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
     with atomic_output(out_path, overwrite=overwrite, is_dir=False) as tmp_file:
         staging = tmp_file.parent / "staging"
         save_dist_checkpoint(model, staging / "model_weights", prefix=NEMO_PREFIX)
-        config = nemo_model_config(hf, tokenizer_type=json.loads((hf_dir / "config.json").read_text()).get(
-            "_name_or_path") or "nemo:hf")
+        config = nemo_model_config(hf, tokenizer_type=hf.get("_name_or_path") or "nemo:hf")
         config["precision"] = {torch.float32: 32, torch.bfloat16: "bf16", torch.float16: 16}[dtype]
         (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "hf").mkdir()

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemotune.recipes.engine import batches, distributed
-from nemotune.recipes.engine.config import ConfigError, compose, validate
+from nemotune.recipes.engine.config import ConfigError, LoraConfig, compose, hf_config_of, validate
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
@@ -78,7 +78,6 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 def build_lora_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
     from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.config import LoraConfig
     from nemotune.recipes.engine.lora import apply_lora, load_adapter_state, print_trainable
     from nemotune.recipes.engine.model import build_gpt_model
 
@@ -178,12 +177,6 @@ def init_from_config(cfg: DictConfig) -> None:
     distributed.init_distributed(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                  pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                                  context_parallel_size=par.context_parallel_size, seed=cfg.run.seed)
-
-
-def hf_config_of(cfg: DictConfig) -> dict:
-    from nemotune.converters.formats.hf_config import load_hf_config
-
-    return load_hf_config(cfg.model.hf_path or OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
 @dataclass

@@ -12,7 +12,7 @@ from test_adapter_export import (ALPHA, DIM, assert_nemo_matches_fixture, logits
 
 from nemotune.converters.formats import adapters as adapter_io
 from nemotune.converters import checkpoint
-from nemotune.converters.formats.checkpoint import read_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config
 from nemotune.converters.tiny_model import write_tiny_llama
 
 ALL_HF = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
@@ -25,7 +25,7 @@ def base(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def hf(base):
-    return read_hf_config(base)
+    return load_hf_config(base)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 from nemotune.converters.formats import adapters as adapter_io
-from nemotune.converters.formats.checkpoint import read_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config
 from nemotune.converters.export import main as export_main
 from nemotune.converters.tiny_model import write_tiny_llama
 
@@ -32,7 +32,7 @@ def random_adapter(hf, targets=tuple(adapter_io.TARGETS), seed=0, layer_selectio
 
 @pytest.fixture(scope="module")
 def adapter_dir(base, tmp_path_factory) -> Path:
-    state, config = random_adapter(read_hf_config(base))
+    state, config = random_adapter(load_hf_config(base))
     return adapter_io.save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", state, config)
 
 
@@ -145,7 +145,7 @@ def test_nemo_lora_layout_matches_nemo_fixture(adapter_dir, tmp_path, caplog):
 
 
 def test_bad_adapter_reports_every_problem(base, tmp_path):
-    state, config = random_adapter(read_hf_config(base), targets=("linear_qkv", "linear_fc2"))
+    state, config = random_adapter(load_hf_config(base), targets=("linear_qkv", "linear_fc2"))
     del state[adapter_io.adapter_key(1, "linear_fc2", "linear_in")]
     state[adapter_io.adapter_key(0, "linear_qkv", "linear_out")] = torch.zeros(96, DIM)
     with pytest.raises(adapter_io.AdapterError) as info:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from nemotune.converters import checkpoint
 from nemotune.converters.formats import checkpoint as checkpoint_files
 from nemotune.converters.convert import main as convert_main
+from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
 from nemotune.converters.tiny_model import write_tiny_llama
 
 
@@ -57,7 +58,7 @@ def nemo_file(tiny, tmp_path_factory) -> Path:
 
 def test_hf_megatron_hf_bit_exact(tiny, megatron_ckpt, tmp_path):
     assert (megatron_ckpt / "weights" / "metadata.json").is_file()
-    assert checkpoint_files.read_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
+    assert load_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
     out = tmp_path / "back"
     assert convert_main(["megatron-to-hf", "--ckpt", str(megatron_ckpt), "--out", str(out),
                          "--max-shard-size", "200KB", "--no-progress"]) == 0
@@ -99,8 +100,8 @@ def test_nemo_without_hf_folder_uses_model_config(tiny, nemo_file, tmp_path):
     shutil.rmtree(root / "hf")
     out = checkpoint.megatron_to_hf(root, tmp_path / "back", progress=False)
     assert_bit_exact(tiny, out)
-    rebuilt = checkpoint_files.read_hf_config(out)
-    original = checkpoint_files.read_hf_config(tiny)
+    rebuilt = load_hf_config(out)
+    original = load_hf_config(tiny)
     for key in ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling"):
         assert rebuilt[key] == original[key], key
 
@@ -140,15 +141,16 @@ def test_truncated_shard_fails_cleanly(tiny, tmp_path):
 def test_unsupported_architecture_and_shape_mismatch(tiny, tmp_path):
     import shutil
 
-    for name, edit, message in (
-        ("mistral", {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, "unsupported architecture"),
-        ("shapes", {"intermediate_size": 192}, "does not match its config"),
+    for name, edit, error, message in (
+        ("mistral", {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, ModelConfigError,
+         "unsupported architecture"),
+        ("shapes", {"intermediate_size": 192}, checkpoint_files.ConversionError, "does not match its config"),
     ):
         bad = tmp_path / name
         shutil.copytree(tiny, bad)
         config = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**config, **edit}))
-        with pytest.raises(checkpoint_files.ConversionError, match=message):
+        with pytest.raises(error, match=message):
             checkpoint.hf_to_megatron(bad, tmp_path / f"out-{name}", progress=False)
         assert not (tmp_path / f"out-{name}").exists()
     assert leftovers(tmp_path) == []

@@ -21,6 +21,7 @@ from hydra.core.global_hydra import GlobalHydra
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nemotune.converters.formats.adapters import VARIANTS
+from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
 from nemotune.data_prep.config import DataConfig
 from nemotune.launchers.config import ClusterConfig, validate_cluster
 
@@ -209,17 +210,12 @@ def world_size(cfg: DictConfig) -> int:
     return int(cfg.cluster.nodes) * int(cfg.cluster.nproc_per_node)
 
 
-def _hf_config(cfg: DictConfig, problems: List[str]) -> Optional[dict]:
-    from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
-
-    try:
-        if cfg.model.hf_path:
-            return load_hf_config(cfg.model.hf_path)
-        return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
-    except ModelConfigError as err:
-        key = "model.hf_path" if cfg.model.hf_path else "model.hf_config"
-        problems.append(f"{key}: {err}")
-        return None
+def hf_config_of(cfg: DictConfig) -> dict:
+    """The model's normalized HF config: model.hf_path's config.json when set, else model.hf_config.
+    Raises ModelConfigError (converters/formats/hf_config.py) naming the file and the problem."""
+    if cfg.model.hf_path:
+        return load_hf_config(cfg.model.hf_path)
+    return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
 def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
@@ -234,7 +230,11 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                        ("trainer.global_batch_size", tr.global_batch_size)):
         if value < 1:
             problems.append(f"{key}={value}: must be >= 1")
-    hf = _hf_config(cfg, problems)
+    try:
+        hf = hf_config_of(cfg)
+    except ModelConfigError as err:
+        hf = None
+        problems.append(f"{'model.hf_path' if cfg.model.hf_path else 'model.hf_config'}: {err}")
     if hf and tp >= 1:
         heads, groups = hf["num_attention_heads"], hf["num_key_value_heads"]
         if heads % tp:
