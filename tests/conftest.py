@@ -5,21 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from nemotune.converters import tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-TINY_HF = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=176, vocab_size=1024,
-    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=256),
-    tie_word_embeddings=False)
+TINY_HF = tiny_model.tiny_hf_config()  # conf/model/tiny.yaml, the tiny model's one definition
 
 
 @pytest.fixture
 def tiny_hf_config():
-    return dict(TINY_HF)
+    return tiny_model.tiny_hf_config()
 
 
 @pytest.fixture
