@@ -220,10 +220,6 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
     return Path(out_dir)
 
 
-def nemo_to_hf(nemo_path: str | Path, out_dir: str | Path, **kwargs) -> Path:
-    return megatron_to_hf(nemo_path, out_dir, **kwargs)
-
-
 def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, batch_size: int = 2,
            seq_len: int = 32, seed: int = 0, adapter: str | Path | None = None,
            peft_dir: str | Path | None = None) -> float:

@@ -50,10 +50,8 @@ def tiny_llama_config(**overrides: Any):
 
 
 def _tiny_tokenizer_dir() -> Path | None:
-    try:
-        from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
-    except ImportError:
-        return None
+    from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
+
     path = Path(tiny_tokenizer_dir())
     return path if path.is_dir() else None
 

@@ -218,19 +218,12 @@ def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
 
 # --------------------------------------------------------------------------------------------- Megatron loss
 def megatron_losses(cfg: DictConfig) -> dict | None:
-    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter.
-
-    >>> LEAD-OWNED CALL SITE: nemotune.recipes.lora_sft.evaluate_loss(train_cfg, split, adapter_dir, with_lora) <<<
-    Skipped (None) when eval.megatron_loss is false or that function does not exist.
-    """
+    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter; None when
+    eval.megatron_loss is false."""
     if not cfg.eval.megatron_loss:
         return None
-    try:
-        from nemotune.recipes.lora_sft import evaluate_loss
-    except ImportError:
-        log.warning("eval.megatron_loss=true but nemotune.recipes.lora_sft.evaluate_loss is not available; skipped")
-        return None
     from nemotune.recipes.engine import distributed
+    from nemotune.recipes.lora_sft import evaluate_loss
     from nemotune.recipes.engine.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])

@@ -13,10 +13,11 @@ import torch
 
 from nemotune.recipes.engine import distributed, lora
 from nemotune.recipes.engine.config import LoraConfig
-from nemotune.recipes.engine.model import build_gpt_model, load_full_state_dict
+from nemotune.recipes.engine.model import build_gpt_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402
+from full_weights import load_full_state_dict  # noqa: E402
 
 VARIANTS = lora.VARIANTS
 SEQ = 16
