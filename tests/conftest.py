@@ -51,6 +51,36 @@ def run_module(module: str, *args, timeout: int = 600, env=None, check: bool = T
 
 
 @pytest.fixture(scope="session")
+def sharded_tiny_hf(tmp_path_factory):
+    """The tiny HF Llama (seed 0) in 100 KB shards: it spans several shards and q/k/v of a layer land in
+    different ones, as in a real multi-shard download. Read-only for the tests that share it."""
+    from nemotune.converters.formats.checkpoint import INDEX_NAME
+    from nemotune.converters.tiny_model import write_tiny_llama
+
+    out = write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=0, max_shard_size="100KB")
+    assert (out / INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded_tiny_mcore(sharded_tiny_hf, tmp_path_factory):
+    """Its Megatron dist checkpoint, written by `nemotune convert hf-to-megatron` (in-process)."""
+    from nemotune.converters.convert import main as convert_main
+
+    out = tmp_path_factory.mktemp("meg") / "mcore"
+    assert convert_main(["hf-to-megatron", "--hf", str(sharded_tiny_hf), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def prep_conf_dir(tmp_path_factory):
+    """The config root the data_prep tests run `nemotune prep` with."""
+    from test_data_prep_support import prep_config_dir
+
+    return prep_config_dir(tmp_path_factory.mktemp("conf"))
+
+
+@pytest.fixture(scope="session")
 def tiny_assets(tmp_path_factory):
     """The demo's inputs, built once: the tiny HF base, its Megatron conversion, and the bundled sample
     prepared with the two-stage seed split (sft / rl / eval)."""
