@@ -80,12 +80,14 @@ def synthetic_packs(num_packs: int, pack_size: int, vocab_size: int, seed: int =
 
 
 def fp8_support() -> tuple[bool, str]:
+    import importlib
+
     import torch
 
     if not torch.cuda.is_available():
         return False, "no CUDA device"
     try:
-        import transformer_engine.pytorch as te  # noqa: F401
+        importlib.import_module("transformer_engine.pytorch")
     except Exception as err:  # noqa: BLE001 - any import failure means no TE
         return False, f"transformer_engine does not import ({type(err).__name__})"
     for module, name in (("transformer_engine.pytorch.fp8", "check_fp8_support"),
@@ -124,7 +126,8 @@ def run_precision(args, precision: str) -> dict:
     from omegaconf import OmegaConf
 
     from nemotune.recipes.engine import distributed
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
     from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
     from nemotune.recipes.engine.model import build_gpt_model, te_available
     from nemotune.recipes.engine.trainer import SupervisedTrainer
@@ -140,10 +143,7 @@ def run_precision(args, precision: str) -> dict:
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         model = build_gpt_model(hf, params_dtype=dtype, calculate_per_token_loss=True, **overrides)
-        lora = cfg.peft.lora
-        summary = apply_lora(model, LoraConfig(dim=lora.dim, alpha=lora.alpha, dropout=0.0,
-                                               target_modules=list(lora.target_modules), variant=lora.variant,
-                                               seed=cfg.run.seed))
+        summary = apply_lora(model, LoraConfig.of(cfg.peft.lora), seed=cfg.run.seed)
         chunks, optimizer = wrap_for_training(cfg, model)
         packs = synthetic_packs(args.micro_batches * (args.warmup + args.steps), args.seq, hf["vocab_size"],
                                 seed=args.seed)
@@ -200,14 +200,14 @@ def dry_run(args) -> dict:
     """Shapes and FLOP accounting only (meta device): runs anywhere in seconds."""
     from omegaconf import OmegaConf
 
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
     from nemotune.recipes.engine.model import build_gpt_model
 
     cfg = compose_config(args, Path(tempfile.gettempdir()))
     hf = OmegaConf.to_container(cfg.model.hf_config, resolve=True)
     model = build_gpt_model(hf, device="meta")
-    summary = apply_lora(model, LoraConfig(dim=args.lora_dim, alpha=args.lora_alpha, target_modules=["all-linear"],
-                                           variant=cfg.peft.lora.variant))
+    summary = apply_lora(model, LoraConfig.of(cfg.peft.lora))
     packs = synthetic_packs(args.micro_batches, args.seq, hf["vocab_size"], seed=args.seed)
     docs = [l for p in packs for l in p.document_lengths]
     step_flops = lora_step_flops(hf, docs)
@@ -231,7 +231,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--lora-dim", type=int, default=8)
-    parser.add_argument("--lora-alpha", type=int, default=16)
+    parser.add_argument("--lora-alpha", type=float, default=16.0)
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp8"], choices=["bf16", "fp8"])
     parser.add_argument("--fp8-recipe", default="delayed", choices=["delayed", "tensorwise", "blockwise", "mxfp8"])
     parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic packs")

@@ -84,7 +84,8 @@ def child(name: str, steps: int) -> dict:
 
     from nemotune.recipes.engine import distributed
     from nemotune.recipes.engine.config import compose
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
     from nemotune.recipes.engine.model import build_gpt_model
     from nemotune.recipes.engine.trainer import SupervisedTrainer
     from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
@@ -104,9 +105,7 @@ def child(name: str, steps: int) -> dict:
         packs = synthetic_packs(steps, spec["seq"], hf["vocab_size"], seed=0)
         rss_before_model = _rss_now()
         model = build_gpt_model(hf, params_dtype=torch.float32, calculate_per_token_loss=True)
-        lora = cfg.peft.lora
-        summary = apply_lora(model, LoraConfig(dim=lora.dim, alpha=lora.alpha, target_modules=list(lora.target_modules),
-                                               variant=lora.variant, seed=cfg.run.seed))
+        summary = apply_lora(model, LoraConfig.of(cfg.peft.lora), seed=cfg.run.seed)
         chunks, optimizer = wrap_for_training(cfg, model)
         trainer = SupervisedTrainer(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=None, train_samples=packs,
                                     val_samples=packs, pad_id=0, seq_length=spec["seq"], hf_config=hf,

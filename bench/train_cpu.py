@@ -77,7 +77,7 @@ class Ours:
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
         from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
         from nemotune.recipes import lora_sft
-        from nemotune.recipes.engine.config import compose, validate
+        from nemotune.recipes.engine.config import compose, hf_config_of, validate
         from nemotune.recipes.engine.trainer import SupervisedTrainer
 
         cfg = compose("lora_sft", ["experiment=tiny_lora", f"parallel={parallel}", f"model.hf_path={inputs['hf']}",
@@ -91,7 +91,7 @@ class Ours:
         tokenizer = load_tokenizer(*model_tokenizer(cfg.model))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.samples = lora_sft.load_samples(cfg, split, tokenizer)
-        hf = lora_sft.hf_config_of(cfg)
+        hf = hf_config_of(cfg)
         model = lora_sft.build_lora_model(cfg, hf)
         chunks, optimizer = lora_sft.wrap_for_training(cfg, model)
         self.trainer = SupervisedTrainer(

@@ -173,8 +173,7 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
     with atomic_output(out_path, overwrite=overwrite, is_dir=False) as tmp_file:
         staging = tmp_file.parent / "staging"
         save_dist_checkpoint(model, staging / "model_weights", prefix=NEMO_PREFIX)
-        config = nemo_model_config(hf, tokenizer_type=json.loads((hf_dir / "config.json").read_text()).get(
-            "_name_or_path") or "nemo:hf")
+        config = nemo_model_config(hf, tokenizer_type=hf.get("_name_or_path") or "nemo:hf")
         config["precision"] = {torch.float32: 32, torch.bfloat16: "bf16", torch.float16: 16}[dtype]
         (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "hf").mkdir()
@@ -221,10 +220,6 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
     return Path(out_dir)
 
 
-def nemo_to_hf(nemo_path: str | Path, out_dir: str | Path, **kwargs) -> Path:
-    return megatron_to_hf(nemo_path, out_dir, **kwargs)
-
-
 def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, batch_size: int = 2,
            seq_len: int = 32, seed: int = 0, adapter: str | Path | None = None,
            peft_dir: str | Path | None = None) -> float:
@@ -264,11 +259,10 @@ def _with_peft_adapter(hf_model, adapter, peft_dir, tmp: Path):
 
 def _apply_adapter(model, adapter) -> None:
     from nemotune.converters.formats.adapters import load_adapter
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora, load_adapter_state
+    from nemotune.converters.formats.adapters import DEFAULT_VARIANT
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state
 
     state, config = load_adapter(adapter)
-    apply_lora(model, LoraConfig(dim=config["dim"], alpha=config["alpha"],
-                                 target_modules=list(config["target_modules"]),
-                                 layer_selection=config.get("layer_selection"),
-                                 variant=config.get("variant", "nemo")))
+    apply_lora(model, LoraConfig.of({"variant": DEFAULT_VARIANT, **config}))
     load_adapter_state(model, state)

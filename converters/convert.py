@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Callable
 
 EPILOG = """examples:
   python -m nemotune.converters.convert hf-to-megatron --hf ckpts/Llama-3.1-Nemotron-Nano-8B-v1 --out ckpts/nano-mcore
@@ -60,11 +61,23 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def one_line_errors(verb: Callable[[], int]) -> int:
+    """Run a converter verb: its exit code, or one `error: ...` line on stderr and exit 2 for refused input."""
+    from nemotune.converters.formats.checkpoint import ConversionError
+
+    try:
+        return verb()
+    except (ConversionError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
 def main(argv: list[str] | None = None) -> int:
     from nemotune.converters import checkpoint
 
     args = build_parser().parse_args(argv)
-    try:
+
+    def verb() -> int:
         if args.command == "verify":
             diff = checkpoint.verify(args.hf, args.ckpt, tolerance=args.tolerance, batch_size=args.batch_size,
                                      seq_len=args.seq_len, seed=args.seed, adapter=args.adapter,
@@ -83,11 +96,10 @@ def main(argv: list[str] | None = None) -> int:
             out = checkpoint.megatron_to_hf(args.source, args.out, max_shard_size=args.max_shard_size,
                                             dtype=args.dtype, hf_dir=args.hf_files, overwrite=args.overwrite,
                                             progress=progress)
-    except (checkpoint.ConversionError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return one_line_errors(verb)
 
 
 if __name__ == "__main__":

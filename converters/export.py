@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -41,12 +40,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from nemotune.converters.convert import one_line_errors
     from nemotune.converters.formats import adapters as adapter_io
-    from nemotune.converters.formats.checkpoint import ConversionError
 
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
+
+    def verb() -> int:
         if args.command == "hf-peft":
             out = adapter_io.export_hf_peft(args.adapter, args.out, base_model_name_or_path=args.base_model,
                                             overwrite=args.overwrite)
@@ -55,11 +55,10 @@ def main(argv: list[str] | None = None) -> int:
         else:
             out = adapter_io.merge_adapter(args.base, args.adapter, args.out, overwrite=args.overwrite,
                                            progress=not args.no_progress)
-    except (ConversionError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"wrote {out}")
-    return 0
+        print(f"wrote {out}")
+        return 0
+
+    return one_line_errors(verb)
 
 
 if __name__ == "__main__":

@@ -15,61 +15,43 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-# Llama-3.1's rope scaling; megatron-core implements exactly these constants (factor is configurable).
-LLAMA3_ROPE_SCALING = {
-    "rope_type": "llama3",
-    "factor": 8.0,
-    "low_freq_factor": 1.0,
-    "high_freq_factor": 4.0,
-    "original_max_position_embeddings": 8192,
-}
+# keyword arguments of tiny_llama_config / write_tiny_llama -> the HF config field they set
+_SHORT_NAMES = {"num_layers": "num_hidden_layers", "hidden": "hidden_size", "heads": "num_attention_heads",
+                "kv_heads": "num_key_value_heads", "ffn": "intermediate_size", "vocab": "vocab_size"}
 
 
-def tiny_llama_config(
-    *,
-    tie_word_embeddings: bool = False,
-    num_layers: int = 2,
-    hidden: int = 64,
-    heads: int = 4,
-    kv_heads: int = 2,
-    ffn: int = 176,
-    vocab: int = 1024,
-    max_position_embeddings: int = 131072,
-    rope_theta: float = 500000.0,
-    rope_scaling: dict[str, Any] | None = LLAMA3_ROPE_SCALING,
-    rms_norm_eps: float = 1e-5,
-    head_dim: int | None = None,
-):
-    """A ``transformers.LlamaConfig`` for a small Llama (defaults: 2 layers, hidden 64, 4 heads / 2 groups)."""
+def tiny_hf_config() -> dict[str, Any]:
+    """The tiny model's HF config: `hf_config` of conf/model/tiny.yaml, its one definition (2 layers, hidden
+    64, 4 heads / 2 query groups, vocab 1024 like the tiny tokenizer, Llama-3.1's RoPE and its llama3 scaling)."""
+    import yaml
+
+    import nemotune.conf
+
+    path = Path(nemotune.conf.__file__).resolve().parent / "model" / "tiny.yaml"
+    return yaml.safe_load(path.read_text())["hf_config"]
+
+
+def tiny_llama_config(**overrides: Any):
+    """A ``transformers.LlamaConfig`` of the tiny model, with fields changed by ``overrides`` (HF names or
+    num_layers, hidden, heads, kv_heads, ffn, vocab; ``rope_scaling=None`` for plain RoPE)."""
     from transformers import LlamaConfig
 
-    kwargs: dict[str, Any] = dict(
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=num_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        head_dim=head_dim or hidden // heads,
-        max_position_embeddings=max_position_embeddings,
-        rms_norm_eps=rms_norm_eps,
-        rope_theta=rope_theta,
-        tie_word_embeddings=tie_word_embeddings,
-        bos_token_id=None,
-        eos_token_id=None,
-        pad_token_id=None,
-        torch_dtype="float32",
-    )
-    if rope_scaling is not None:
-        kwargs["rope_scaling"] = dict(rope_scaling)
-    return LlamaConfig(**kwargs)
+    values = tiny_hf_config()
+    changed = {_SHORT_NAMES.get(key, key): value for key, value in overrides.items()}
+    if {"hidden_size", "num_attention_heads"} & set(changed) and changed.get("head_dim") is None:
+        changed["head_dim"] = changed.get("hidden_size", values["hidden_size"]) // changed.get(
+            "num_attention_heads", values["num_attention_heads"])
+    values.update(changed)
+    for key in ("architectures", "model_type"):  # set by the model class
+        values.pop(key, None)
+    if values.get("rope_scaling") is None:
+        values.pop("rope_scaling", None)
+    return LlamaConfig(**values, bos_token_id=None, eos_token_id=None, pad_token_id=None, torch_dtype="float32")
 
 
 def _tiny_tokenizer_dir() -> Path | None:
-    try:
-        from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
-    except ImportError:
-        return None
+    from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
+
     path = Path(tiny_tokenizer_dir())
     return path if path.is_dir() else None
 
@@ -86,8 +68,8 @@ def write_tiny_llama(
     """Save a seeded random ``LlamaForCausalLM`` (fp32, safetensors) to ``out_dir`` and return the path.
 
     ``max_shard_size`` (bytes or "500MB") splits the weights into several shards + an index.
-    Extra keyword arguments go to :func:`tiny_llama_config` (num_layers, hidden, heads, kv_heads, ffn, vocab,
-    tie_word_embeddings, max_position_embeddings, rope_scaling, ...).
+    Extra keyword arguments change the tiny model's config (:func:`tiny_llama_config`: num_layers, hidden,
+    heads, kv_heads, ffn, vocab, tie_word_embeddings, max_position_embeddings, rope_scaling, ...).
     Layer norm weights are randomised too (around 1), so a converter that drops or swaps them is caught.
     """
     import torch
@@ -123,33 +105,25 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--num-layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--heads", type=int, default=4)
-    parser.add_argument("--kv-heads", type=int, default=2)
-    parser.add_argument("--ffn", type=int, default=176)
-    parser.add_argument("--vocab", type=int, default=1024, help="1024 matches the tiny tokenizer")
-    parser.add_argument("--max-position-embeddings", type=int, default=131072, help="131072 like Llama-3.1 (RoPE has no table, so this costs nothing)")
+    tiny = tiny_hf_config()
+    for flag, name in (("--num-layers", "num_layers"), ("--hidden", "hidden"), ("--heads", "heads"),
+                       ("--kv-heads", "kv_heads"), ("--ffn", "ffn"), ("--vocab", "vocab"),
+                       ("--max-position-embeddings", "max_position_embeddings")):
+        parser.add_argument(flag, type=int, default=None,
+                            help=f"default {tiny[_SHORT_NAMES.get(name, name)]} (conf/model/tiny.yaml)")
     parser.add_argument("--tie-word-embeddings", action="store_true")
     parser.add_argument("--no-rope-scaling", action="store_true", help="plain RoPE instead of llama3 scaling")
     parser.add_argument("--max-shard-size", default="50GB", help='e.g. "500MB" to get several shards')
     parser.add_argument("--no-tokenizer", action="store_true", help="do not copy the tiny tokenizer files")
     args = parser.parse_args(argv)
-    out = write_tiny_llama(
-        args.out,
-        seed=args.seed,
-        max_shard_size=args.max_shard_size,
-        copy_tokenizer=not args.no_tokenizer,
-        num_layers=args.num_layers,
-        hidden=args.hidden,
-        heads=args.heads,
-        kv_heads=args.kv_heads,
-        ffn=args.ffn,
-        vocab=args.vocab,
-        max_position_embeddings=args.max_position_embeddings,
-        tie_word_embeddings=args.tie_word_embeddings,
-        rope_scaling=None if args.no_rope_scaling else LLAMA3_ROPE_SCALING,
-    )
+    overrides = {name: getattr(args, name) for name in ("num_layers", "hidden", "heads", "kv_heads", "ffn", "vocab",
+                                                         "max_position_embeddings") if getattr(args, name) is not None}
+    if args.tie_word_embeddings:
+        overrides["tie_word_embeddings"] = True
+    if args.no_rope_scaling:
+        overrides["rope_scaling"] = None
+    out = write_tiny_llama(args.out, seed=args.seed, max_shard_size=args.max_shard_size,
+                           copy_tokenizer=not args.no_tokenizer, **overrides)
     print(f"wrote {out}")
     return 0
 

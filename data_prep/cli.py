@@ -39,6 +39,11 @@ def compose(overrides: list[str], config_dir: str | Path | None = None, config_n
 
     from nemotune.data_prep.formats import DataPrepError
 
+    from hydra.core.config_store import ConfigStore
+
+    from nemotune.data_prep.config import PrepConfig
+
+    ConfigStore.instance().store(name="prep_schema", node=PrepConfig)
     directory = Path(config_dir).resolve() if config_dir else default_config_dir()
     try:
         with initialize_config_dir(config_dir=str(directory), version_base=None):

@@ -1,5 +1,6 @@
-"""Typed schema of the `data` config group (conf/data/*.yaml). The lead registers DataConfig in Hydra's
-ConfigStore; `check_data_config` merges a composed `data` node onto it and reports every problem at once."""
+"""Typed schema of the `data` config group (conf/data/*.yaml): DataConfig holds every default, the group files
+only what differs. `PrepConfig` is the schema of conf/prep.yaml; `check_data_config` merges a composed `data`
+node onto DataConfig and reports every problem at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -53,7 +54,7 @@ class DataConfig:
     # the final assistant turn keeps its <think>...</think> reasoning (in the loss) even where the chat
     # template drops it; earlier turns are always rendered as the template does
     keep_final_reasoning: bool = True
-    output_dir: str = "work/prep/${data.name}"
+    output_dir: str = "work/prep/${.name}"  # relative: resolves inside the data node or alone
     max_seq_length: int = 4096
     truncation: str = "drop"  # drop | truncate_prompt
     packing: bool = True
@@ -65,6 +66,14 @@ class DataConfig:
     max_line_bytes: int = 8_000_000  # longer input lines are rejected before JSON parsing
     validate_only: bool = False
     skip_bad: bool = False
+
+
+@dataclass
+class PrepConfig:
+    """conf/prep.yaml: the data group, the model group (prep reads its tokenizer) and the tokenizer to use."""
+    model: dict[str, Any] = field(default_factory=dict)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokenizer: Optional[str] = None
 
 
 def check_data_config(data: Any) -> DataConfig:

@@ -50,10 +50,6 @@ def packed_path(out: str | Path, split: str, pack_size: int, seed: int) -> Path:
     return Path(out) / split / f"packed_{pack_size}_seed{seed}.npy"
 
 
-def packed_parquet_path(out: str | Path, split: str, pack_size: int, seed: int) -> Path:
-    return packed_path(out, split, pack_size, seed).with_suffix(".parquet")
-
-
 def packed_metadata_path(out: str | Path, split: str, pack_size: int, seed: int) -> Path:
     npy = packed_path(out, split, pack_size, seed)
     return npy.with_name(npy.stem + "_metadata.json")

@@ -21,7 +21,6 @@ TOO_LONG = "too_long"  # truncation=drop and the example is longer than max_seq_
 PROMPT_TOO_LONG = "prompt_too_long"  # the prompt alone leaves no room for an answer
 ANSWER_TOO_LONG = "answer_too_long"  # truncate_prompt cannot help: the answers alone exceed max_seq_length
 ALL_MASKED = "all_masked"  # no token would carry loss
-DROP_REASONS = (TOO_LONG, PROMPT_TOO_LONG, ANSWER_TOO_LONG, ALL_MASKED)
 
 
 # Nemotron's reasoning switch: the model card sets the system prompt to exactly this line.

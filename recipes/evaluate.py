@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Sequence
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from nemotune.recipes.engine.eval_metrics import DEFAULT_EMBEDDING_MODEL, EmbeddingModelNotFoundError
 from nemotune.recipes.engine.generation import BACKENDS, THINKING_CHOICES, EvalInputError, GenerationSettings
@@ -69,34 +69,35 @@ Common options (defaults in conf/eval.yaml):
 @dataclass
 class EvalSettings:
     split: str = "test"
-    limit: Optional[int] = None
-    backend: str = "hf"
+    limit: Optional[int] = None  # first N examples only
+    backend: str = "hf"  # hf (transformers + peft; CPU or GPU) | vllm (GPU, LoRARequest)
     max_new_tokens: int = 256
     batch_size: int = 8
+    # null = the prompt as prepared; on|off forces Nemotron's "detailed thinking on|off" line
     thinking: Optional[str] = None
-    do_sample: bool = False
-    embedding_model: str = DEFAULT_EMBEDDING_MODEL
+    do_sample: bool = False  # greedy
+    embedding_model: str = DEFAULT_EMBEDDING_MODEL  # or a local sentence-transformers model dir
     semantic_similarity: bool = True
-    loss: bool = True
-    megatron_loss: bool = False
-    train_overrides: List[str] = field(default_factory=list)
+    loss: bool = True  # answer-token loss / perplexity with the HF model (+ adapter)
+    megatron_loss: bool = False  # also with the Megatron model (nemotune.recipes.lora_sft.evaluate_loss)
+    train_overrides: List[str] = field(default_factory=list)  # lora_sft overrides for it, e.g. ['experiment=tiny_lora']
     # adapter for the Megatron loss: the trainer's consolidated <ckpt>/adapter dir; null = `adapter`
     megatron_adapter: Optional[str] = None
     bootstrap_resamples: int = 1000
     confidence: float = 0.95
     seed: int = 0
-    device: Optional[str] = None
-    dtype: Optional[str] = None
+    device: Optional[str] = None  # null = cuda when available, else cpu
+    dtype: Optional[str] = None  # null = bfloat16 on GPU, float32 on CPU
     progress: bool = True
 
 
 @dataclass
 class EvalConfig:
-    data_dir: str = "???"
-    base_model: str = "???"
-    adapter: str = "???"
-    out_dir: str = "???"
-    tokenizer: Optional[str] = None
+    data_dir: str = MISSING  # prepared data dir (nemotune prep): <data_dir>/<split>.messages.jsonl (+ .tokenized.jsonl)
+    base_model: str = MISSING  # HF checkpoint dir of the base model
+    adapter: str = MISSING  # HF PEFT adapter dir (nemotune export hf-peft)
+    out_dir: str = MISSING  # report dir: predictions.jsonl, summary.json, summary.md (replaced atomically)
+    tokenizer: Optional[str] = None  # null = the base model dir; "nemotune/tiny" = the packaged tiny tokenizer
     eval: EvalSettings = field(default_factory=EvalSettings)
 
 
@@ -218,19 +219,12 @@ def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
 
 # --------------------------------------------------------------------------------------------- Megatron loss
 def megatron_losses(cfg: DictConfig) -> dict | None:
-    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter.
-
-    >>> LEAD-OWNED CALL SITE: nemotune.recipes.lora_sft.evaluate_loss(train_cfg, split, adapter_dir, with_lora) <<<
-    Skipped (None) when eval.megatron_loss is false or that function does not exist.
-    """
+    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter; None when
+    eval.megatron_loss is false."""
     if not cfg.eval.megatron_loss:
         return None
-    try:
-        from nemotune.recipes.lora_sft import evaluate_loss
-    except ImportError:
-        log.warning("eval.megatron_loss=true but nemotune.recipes.lora_sft.evaluate_loss is not available; skipped")
-        return None
     from nemotune.recipes.engine import distributed
+    from nemotune.recipes.lora_sft import evaluate_loss
     from nemotune.recipes.engine.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])

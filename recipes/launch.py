@@ -55,15 +55,12 @@ def check(cfg, *, full: bool) -> List[str]:
     validate_cluster alone for a bare test config."""
     problems: List[str] = []
     if full:
+        from nemotune.recipes.engine.config import ConfigError, validate
+
         try:
-            from nemotune.recipes.engine.config import ConfigError, validate
-        except ImportError:
-            validate = None
-        if validate is not None:
-            try:
-                validate(cfg)
-            except ConfigError as err:
-                problems.extend(err.problems)
+            validate(cfg)
+        except ConfigError as err:
+            problems.extend(err.problems)
     for p in validate_cluster(cfg):
         if p not in problems:
             problems.append(p)

@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemotune.recipes.engine import batches, distributed
-from nemotune.recipes.engine.config import ConfigError, compose, validate
+from nemotune.recipes.engine.config import ConfigError, LoraConfig, compose, hf_config_of, validate
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
@@ -100,7 +100,7 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 def build_lora_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
     from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora, load_adapter_state, print_trainable
+    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state, print_trainable
     from nemotune.recipes.engine.model import build_gpt_model
 
     precision = cfg.trainer.precision
@@ -110,12 +110,8 @@ def build_lora_model(cfg: DictConfig, hf: dict):
                             calculate_per_token_loss=True)
     if cfg.model.checkpoint:
         load_megatron_weights(model, cfg.model.checkpoint)
-    lora = cfg.peft.lora
-    apply_lora(model, LoraConfig(dim=lora.dim, alpha=lora.alpha, dropout=lora.dropout,
-                                 target_modules=list(lora.target_modules),
-                                 layer_selection=None if lora.layer_selection is None
-                                 else list(lora.layer_selection),
-                                 init_method_a=lora.init_method_a, variant=lora.variant, seed=cfg.run.seed))
+    lora = LoraConfig.of(cfg.peft.lora)
+    apply_lora(model, lora, seed=cfg.run.seed)
     if cfg.peft.restore_from:
         from nemotune.converters.formats.adapters import load_adapter
 
@@ -140,7 +136,7 @@ def wrap_for_training(cfg: DictConfig, model):
     """megatron DDP (adapters only in grad buckets), its optimizer and a cosine schedule with warmup."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer import get_megatron_optimizer
 
     config = model.config
     ddp = DistributedDataParallel(
@@ -150,15 +146,22 @@ def wrap_for_training(cfg: DictConfig, model):
             use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
-    optim = cfg.trainer.optim
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                        adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
-                        clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=config.bf16,
-                        params_dtype=config.params_dtype,
-                        use_distributed_optimizer=cfg.parallel.use_distributed_optimizer),
-        [ddp])
+    optimizer = get_megatron_optimizer(optimizer_config(cfg, config), [ddp])
     return [ddp], optimizer
+
+
+def optimizer_config(cfg: DictConfig, model_config):
+    """megatron-core's OptimizerConfig for `trainer.optim` (name: adamw, adam or sgd; validate() refuses others)."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    optim = cfg.trainer.optim
+    return OptimizerConfig(optimizer="sgd" if optim.name == "sgd" else "adam",
+                           decoupled_weight_decay=optim.name == "adamw", sgd_momentum=optim.momentum,
+                           lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
+                           adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
+                           clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=model_config.bf16,
+                           params_dtype=model_config.params_dtype,
+                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
 
 
 def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):
@@ -196,12 +199,6 @@ def init_from_config(cfg: DictConfig) -> None:
     distributed.init_distributed(tensor_model_parallel_size=par.tensor_model_parallel_size,
                                  pipeline_model_parallel_size=par.pipeline_model_parallel_size,
                                  context_parallel_size=par.context_parallel_size, seed=cfg.run.seed)
-
-
-def hf_config_of(cfg: DictConfig) -> dict:
-    from nemotune.converters.formats.hf_config import load_hf_config
-
-    return load_hf_config(cfg.model.hf_path or OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
 @dataclass

@@ -5,21 +5,17 @@ from pathlib import Path
 
 import pytest
 
+from nemotune.converters import tiny_model
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
 
-TINY_HF = dict(
-    architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=64, num_hidden_layers=2,
-    num_attention_heads=4, num_key_value_heads=2, head_dim=16, intermediate_size=176, vocab_size=1024,
-    max_position_embeddings=2048, rms_norm_eps=1e-5, rope_theta=500000.0,
-    rope_scaling=dict(rope_type="llama3", factor=4.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                      original_max_position_embeddings=256),
-    tie_word_embeddings=False)
+TINY_HF = tiny_model.tiny_hf_config()  # conf/model/tiny.yaml, the tiny model's one definition
 
 
 @pytest.fixture
 def tiny_hf_config():
-    return dict(TINY_HF)
+    return tiny_model.tiny_hf_config()
 
 
 @pytest.fixture
@@ -52,6 +48,36 @@ def run_module(module: str, *args, timeout: int = 600, env=None, check: bool = T
         raise AssertionError(f"python -m {module} failed ({result.returncode}):\n{result.stdout[-3000:]}\n"
                              f"{result.stderr[-5000:]}")
     return result
+
+
+@pytest.fixture(scope="session")
+def sharded_tiny_hf(tmp_path_factory):
+    """The tiny HF Llama (seed 0) in 100 KB shards: it spans several shards and q/k/v of a layer land in
+    different ones, as in a real multi-shard download. Read-only for the tests that share it."""
+    from nemotune.converters.formats.checkpoint import INDEX_NAME
+    from nemotune.converters.tiny_model import write_tiny_llama
+
+    out = write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=0, max_shard_size="100KB")
+    assert (out / INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
+    return out
+
+
+@pytest.fixture(scope="session")
+def sharded_tiny_mcore(sharded_tiny_hf, tmp_path_factory):
+    """Its Megatron dist checkpoint, written by `nemotune convert hf-to-megatron` (in-process)."""
+    from nemotune.converters.convert import main as convert_main
+
+    out = tmp_path_factory.mktemp("meg") / "mcore"
+    assert convert_main(["hf-to-megatron", "--hf", str(sharded_tiny_hf), "--out", str(out), "--no-progress"]) == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def prep_conf_dir(tmp_path_factory):
+    """The config root the data_prep tests run `nemotune prep` with."""
+    from test_data_prep_support import prep_config_dir
+
+    return prep_config_dir(tmp_path_factory.mktemp("conf"))
 
 
 @pytest.fixture(scope="session")

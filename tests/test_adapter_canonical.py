@@ -12,20 +12,14 @@ from test_adapter_export import (ALPHA, DIM, assert_nemo_matches_fixture, logits
 
 from nemotune.converters.formats import adapters as adapter_io
 from nemotune.converters import checkpoint
-from nemotune.converters.formats.checkpoint import read_hf_config
-from nemotune.converters.tiny_model import write_tiny_llama
+from nemotune.converters.formats.hf_config import load_hf_config
 
 ALL_HF = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    return write_tiny_llama(tmp_path_factory.mktemp("base") / "tiny", seed=0, max_shard_size="200KB")
-
-
-@pytest.fixture(scope="module")
-def hf(base):
-    return read_hf_config(base)
+def hf(sharded_tiny_hf):
+    return load_hf_config(sharded_tiny_hf)
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +45,8 @@ def test_canonical_keys_and_shapes_are_the_documented_ones(hf):
         0, "linear_qkv", "linear_in", "canonical", 1)
 
 
-def test_canonical_export_to_peft_matches_merge_and_changes_the_model(base, canonical_dir, tmp_path):
-    peft_dir = adapter_io.export_hf_peft(canonical_dir, tmp_path / "peft", base_model_name_or_path=str(base))
+def test_canonical_export_to_peft_matches_merge_and_changes_the_model(sharded_tiny_hf, canonical_dir, tmp_path):
+    peft_dir = adapter_io.export_hf_peft(canonical_dir, tmp_path / "peft", base_model_name_or_path=str(sharded_tiny_hf))
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert sorted(config["target_modules"]) == ALL_HF and config["r"] == DIM and config["lora_alpha"] == ALPHA
     peft_state = load_file(str(peft_dir / "adapter_model.safetensors"))
@@ -64,17 +58,17 @@ def test_canonical_export_to_peft_matches_merge_and_changes_the_model(base, cano
                        state["decoder.layers.1.mlp.adapter_layer.lora_unfused_hto4h_adapter.gate_adapter.linear_out.weight"])
     assert len(peft_state) == len(state)  # 1:1
 
-    merged = adapter_io.merge_adapter(base, canonical_dir, tmp_path / "merged", progress=False)
-    via_peft = peft_logits(base, peft_dir, input_ids())  # also asserts: no missing / unexpected key warnings
+    merged = adapter_io.merge_adapter(sharded_tiny_hf, canonical_dir, tmp_path / "merged", progress=False)
+    via_peft = peft_logits(sharded_tiny_hf, peft_dir, input_ids())  # also asserts: no missing / unexpected key warnings
     torch.testing.assert_close(via_peft, logits(merged, input_ids()), atol=1e-5, rtol=0)
-    assert (via_peft - logits(base, input_ids())).abs().max() > 1e-2
+    assert (via_peft - logits(sharded_tiny_hf, input_ids())).abs().max() > 1e-2
 
 
-def test_peft_adapter_imports_as_canonical_bit_exact(base, tmp_path):
+def test_peft_adapter_imports_as_canonical_bit_exact(sharded_tiny_hf, tmp_path):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(sharded_tiny_hf), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=ALL_HF, task_type="CAUSAL_LM",
                                                   layers_to_transform=[1]))
     torch.manual_seed(0)
@@ -85,7 +79,7 @@ def test_peft_adapter_imports_as_canonical_bit_exact(base, tmp_path):
     peft_model.save_pretrained(str(tmp_path / "theirs"))
     theirs = load_file(str(tmp_path / "theirs" / "adapter_model.safetensors"))
 
-    state, config = adapter_io.load_adapter(tmp_path / "theirs", base_config=base)
+    state, config = adapter_io.load_adapter(tmp_path / "theirs", base_config=sharded_tiny_hf)
     assert config["variant"] == "canonical" and config["dim"] == 4 and config["alpha"] == 8
     assert config["layer_selection"] == [2]  # 1-based, as in NeMo and nemotune.recipes.engine.lora
     assert config["target_modules"] == list(adapter_io.TARGETS)
@@ -96,7 +90,7 @@ def test_peft_adapter_imports_as_canonical_bit_exact(base, tmp_path):
 
     # and it computes what peft computes
     mine = adapter_io.save_adapter(tmp_path / "mine", state, config)
-    merged = adapter_io.merge_adapter(base, mine, tmp_path / "merged", progress=False)
+    merged = adapter_io.merge_adapter(sharded_tiny_hf, mine, tmp_path / "merged", progress=False)
     torch.testing.assert_close(logits(merged, input_ids()), logits(peft_model, input_ids()), atol=1e-5, rtol=0)
 
 
@@ -165,18 +159,13 @@ def test_canonical_validation_reports_every_problem(hf, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-@pytest.fixture(scope="module")
-def megatron_ckpt(base, tmp_path_factory):
-    return checkpoint.hf_to_megatron(base, tmp_path_factory.mktemp("meg") / "mcore", progress=False)
-
-
 @pytest.mark.parametrize("variant", ["canonical", "nemo"])
-def test_megatron_lora_matches_transformers_with_exported_peft(base, hf, megatron_ckpt, variant, tmp_path):
+def test_megatron_lora_matches_transformers_with_exported_peft(sharded_tiny_hf, hf, sharded_tiny_mcore, variant, tmp_path):
     """nemotune.recipes.engine.lora on our Megatron model with the adapter == transformers + peft with its HF PEFT export."""
     state, config = random_adapter(hf, variant=variant, seed=5, layer_selection=[2] if variant == "nemo" else None)
     adapter_dir = adapter_io.save_adapter(tmp_path / "adapter", state, config)
-    assert checkpoint.verify(base, megatron_ckpt, adapter=adapter_dir) <= 1e-5
+    assert checkpoint.verify(sharded_tiny_hf, sharded_tiny_mcore, adapter=adapter_dir) <= 1e-5
     # the same comparison fails without the adapter on the HF side: the check has teeth
     no_op = adapter_io.save_adapter(tmp_path / "zero", {k: torch.zeros_like(v) for k, v in state.items()}, config)
     peft_dir = adapter_io.export_hf_peft(no_op, tmp_path / "zero-peft")
-    assert checkpoint.verify(base, megatron_ckpt, adapter=adapter_dir, peft_dir=peft_dir) > 1e-3
+    assert checkpoint.verify(sharded_tiny_hf, sharded_tiny_mcore, adapter=adapter_dir, peft_dir=peft_dir) > 1e-3

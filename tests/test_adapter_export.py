@@ -11,17 +11,11 @@ import torch
 import yaml
 
 from nemotune.converters.formats import adapters as adapter_io
-from nemotune.converters.formats.checkpoint import read_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config
 from nemotune.converters.export import main as export_main
-from nemotune.converters.tiny_model import write_tiny_llama
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DIM, ALPHA = 8, 16.0
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory) -> Path:
-    return write_tiny_llama(tmp_path_factory.mktemp("base") / "tiny", seed=0, max_shard_size="200KB")
 
 
 def random_adapter(hf, targets=tuple(adapter_io.TARGETS), seed=0, layer_selection=None, variant="nemo"):
@@ -31,8 +25,8 @@ def random_adapter(hf, targets=tuple(adapter_io.TARGETS), seed=0, layer_selectio
 
 
 @pytest.fixture(scope="module")
-def adapter_dir(base, tmp_path_factory) -> Path:
-    state, config = random_adapter(read_hf_config(base))
+def adapter_dir(sharded_tiny_hf, tmp_path_factory) -> Path:
+    state, config = random_adapter(load_hf_config(sharded_tiny_hf))
     return adapter_io.save_adapter(tmp_path_factory.mktemp("adapter") / "adapter", state, config)
 
 
@@ -59,10 +53,10 @@ def peft_logits(base, peft_dir, input_ids):
     return logits(peft_model, input_ids)
 
 
-def test_peft_export_matches_merge_and_changes_the_model(base, adapter_dir, tmp_path):
+def test_peft_export_matches_merge_and_changes_the_model(sharded_tiny_hf, adapter_dir, tmp_path):
     peft_dir = tmp_path / "peft"
     assert export_main(["hf-peft", "--adapter", str(adapter_dir), "--out", str(peft_dir),
-                        "--base-model", str(base)]) == 0
+                        "--base-model", str(sharded_tiny_hf)]) == 0
     config = json.loads((peft_dir / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == DIM and config["lora_alpha"] == ALPHA
     assert config["task_type"] == "CAUSAL_LM" and config["bias"] == "none"
@@ -75,17 +69,17 @@ def test_peft_export_matches_merge_and_changes_the_model(base, adapter_dir, tmp_
     assert keys["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"].shape == (32, DIM)
 
     merged = tmp_path / "merged"
-    assert export_main(["merge", "--adapter", str(adapter_dir), "--base", str(base), "--out", str(merged),
+    assert export_main(["merge", "--adapter", str(adapter_dir), "--base", str(sharded_tiny_hf), "--out", str(merged),
                         "--no-progress"]) == 0
     input_ids = torch.randint(0, 1024, (2, 24), generator=torch.Generator().manual_seed(0))
-    via_peft = peft_logits(base, peft_dir, input_ids)
+    via_peft = peft_logits(sharded_tiny_hf, peft_dir, input_ids)
     via_merge = logits(merged, input_ids)
     torch.testing.assert_close(via_peft, via_merge, atol=1e-5, rtol=0)
-    assert (via_peft - logits(base, input_ids)).abs().max() > 1e-2
+    assert (via_peft - logits(sharded_tiny_hf, input_ids)).abs().max() > 1e-2
 
 
-def test_peft_dir_loads_back_to_the_same_adapter(base, adapter_dir, tmp_path):
-    peft_dir = adapter_io.export_hf_peft(adapter_dir, tmp_path / "peft", base_model_name_or_path=str(base))
+def test_peft_dir_loads_back_to_the_same_adapter(sharded_tiny_hf, adapter_dir, tmp_path):
+    peft_dir = adapter_io.export_hf_peft(adapter_dir, tmp_path / "peft", base_model_name_or_path=str(sharded_tiny_hf))
     original, original_config = adapter_io.load_adapter(adapter_dir)
     # base config found through base_model_name_or_path; PEFT imports as canonical, q/k/v share A: fuses exactly
     state, config = adapter_io.load_adapter(peft_dir, variant="nemo")
@@ -95,12 +89,12 @@ def test_peft_dir_loads_back_to_the_same_adapter(base, adapter_dir, tmp_path):
         assert torch.equal(state[key], original[key]), key
 
 
-def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(base, tmp_path):
+def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(sharded_tiny_hf, tmp_path):
     """A PEFT adapter trained by others (q_proj/v_proj only, independent A) becomes a fused qkv adapter (stacked)."""
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(str(sharded_tiny_hf), dtype=torch.float32)
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                   task_type="CAUSAL_LM"))
     torch.manual_seed(0)
@@ -112,10 +106,10 @@ def test_peft_adapter_with_separate_q_v_matrices_imports_exactly(base, tmp_path)
     peft_model.save_pretrained(str(peft_dir))
     input_ids = torch.randint(0, 1024, (1, 16), generator=torch.Generator().manual_seed(1))
     expected = logits(peft_model, input_ids)
-    state, config = adapter_io.load_adapter(peft_dir, base_config=base, variant="nemo", stack=True)
+    state, config = adapter_io.load_adapter(peft_dir, base_config=sharded_tiny_hf, variant="nemo", stack=True)
     assert config["target_modules"] == ["linear_qkv"] and config["dim"] == 8  # q and v A stacked: 2 x r=4 (k: B=0)
     mine = adapter_io.save_adapter(tmp_path / "mine", state, config)
-    merged = adapter_io.merge_adapter(base, mine, tmp_path / "merged", progress=False)
+    merged = adapter_io.merge_adapter(sharded_tiny_hf, mine, tmp_path / "merged", progress=False)
     torch.testing.assert_close(logits(merged, input_ids), expected, atol=1e-5, rtol=0)
 
 
@@ -144,8 +138,8 @@ def test_nemo_lora_layout_matches_nemo_fixture(adapter_dir, tmp_path, caplog):
     assert_nemo_matches_fixture(out, "nemo_lora_tiny", state)
 
 
-def test_bad_adapter_reports_every_problem(base, tmp_path):
-    state, config = random_adapter(read_hf_config(base), targets=("linear_qkv", "linear_fc2"))
+def test_bad_adapter_reports_every_problem(sharded_tiny_hf, tmp_path):
+    state, config = random_adapter(load_hf_config(sharded_tiny_hf), targets=("linear_qkv", "linear_fc2"))
     del state[adapter_io.adapter_key(1, "linear_fc2", "linear_in")]
     state[adapter_io.adapter_key(0, "linear_qkv", "linear_out")] = torch.zeros(96, DIM)
     with pytest.raises(adapter_io.AdapterError) as info:

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from nemotune.converters import checkpoint
 from nemotune.converters.formats import checkpoint as checkpoint_files
 from nemotune.converters.convert import main as convert_main
+from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
 from nemotune.converters.tiny_model import write_tiny_llama
 
 
@@ -34,41 +35,26 @@ def leftovers(parent: Path) -> list:
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory) -> Path:
-    # 100KB shards: the tiny model spans several shards, q/k/v of a layer land in different shards.
-    out = write_tiny_llama(tmp_path_factory.mktemp("hf") / "tiny", seed=0, max_shard_size="100KB")
-    assert (out / checkpoint_files.INDEX_NAME).is_file() and len(list(out.glob("*.safetensors"))) > 2
-    return out
-
-
-@pytest.fixture(scope="module")
-def megatron_ckpt(tiny, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("meg") / "mcore"
-    assert convert_main(["hf-to-megatron", "--hf", str(tiny), "--out", str(out), "--no-progress"]) == 0
-    return out
-
-
-@pytest.fixture(scope="module")
-def nemo_file(tiny, tmp_path_factory) -> Path:
+def nemo_file(sharded_tiny_hf, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("nemo") / "tiny.nemo"
-    assert convert_main(["hf-to-nemo", "--hf", str(tiny), "--out", str(out), "--no-progress"]) == 0
+    assert convert_main(["hf-to-nemo", "--hf", str(sharded_tiny_hf), "--out", str(out), "--no-progress"]) == 0
     return out
 
 
-def test_hf_megatron_hf_bit_exact(tiny, megatron_ckpt, tmp_path):
-    assert (megatron_ckpt / "weights" / "metadata.json").is_file()
-    assert checkpoint_files.read_hf_config(megatron_ckpt)["num_hidden_layers"] == 2
+def test_hf_megatron_hf_bit_exact(sharded_tiny_hf, sharded_tiny_mcore, tmp_path):
+    assert (sharded_tiny_mcore / "weights" / "metadata.json").is_file()
+    assert load_hf_config(sharded_tiny_mcore)["num_hidden_layers"] == 2
     out = tmp_path / "back"
-    assert convert_main(["megatron-to-hf", "--ckpt", str(megatron_ckpt), "--out", str(out),
+    assert convert_main(["megatron-to-hf", "--ckpt", str(sharded_tiny_mcore), "--out", str(out),
                          "--max-shard-size", "200KB", "--no-progress"]) == 0
-    assert_bit_exact(tiny, out)
+    assert_bit_exact(sharded_tiny_hf, out)
     assert (out / checkpoint_files.INDEX_NAME).is_file()
-    assert json.loads((out / "config.json").read_text()) == json.loads((tiny / "config.json").read_text())
+    assert json.loads((out / "config.json").read_text()) == json.loads((sharded_tiny_hf / "config.json").read_text())
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (out / name).is_file() == (tiny / name).is_file(), name
+        assert (out / name).is_file() == (sharded_tiny_hf / name).is_file(), name
 
 
-def test_hf_nemo_hf_bit_exact_and_layout(tiny, nemo_file, tmp_path):
+def test_hf_nemo_hf_bit_exact_and_layout(sharded_tiny_hf, nemo_file, tmp_path):
     import yaml
 
     with tarfile.open(nemo_file) as archive:
@@ -87,10 +73,10 @@ def test_hf_nemo_hf_bit_exact_and_layout(tiny, nemo_file, tmp_path):
             "model.decoder.layers.mlp.linear_fc1.layer_norm_weight", "model.output_layer.weight"} <= keys
     out = tmp_path / "back"
     assert convert_main(["nemo-to-hf", "--nemo", str(nemo_file), "--out", str(out), "--no-progress"]) == 0
-    assert_bit_exact(tiny, out)
+    assert_bit_exact(sharded_tiny_hf, out)
 
 
-def test_nemo_without_hf_folder_uses_model_config(tiny, nemo_file, tmp_path):
+def test_nemo_without_hf_folder_uses_model_config(sharded_tiny_hf, nemo_file, tmp_path):
     """A NeMo-written .nemo has no hf/ folder: the HF config is rebuilt from model_config.yaml."""
     root = tmp_path / "extracted"
     checkpoint_files.safe_extract(nemo_file, root)
@@ -98,19 +84,19 @@ def test_nemo_without_hf_folder_uses_model_config(tiny, nemo_file, tmp_path):
 
     shutil.rmtree(root / "hf")
     out = checkpoint.megatron_to_hf(root, tmp_path / "back", progress=False)
-    assert_bit_exact(tiny, out)
-    rebuilt = checkpoint_files.read_hf_config(out)
-    original = checkpoint_files.read_hf_config(tiny)
+    assert_bit_exact(sharded_tiny_hf, out)
+    rebuilt = load_hf_config(out)
+    original = load_hf_config(sharded_tiny_hf)
     for key in ("hidden_size", "num_key_value_heads", "head_dim", "vocab_size", "rope_theta", "rope_scaling"):
         assert rebuilt[key] == original[key], key
 
 
-def test_verify_passes_and_fails(tiny, megatron_ckpt, nemo_file, tmp_path, capsys):
-    assert convert_main(["verify", "--hf", str(tiny), "--ckpt", str(megatron_ckpt)]) == 0
+def test_verify_passes_and_fails(sharded_tiny_hf, sharded_tiny_mcore, nemo_file, tmp_path, capsys):
+    assert convert_main(["verify", "--hf", str(sharded_tiny_hf), "--ckpt", str(sharded_tiny_mcore)]) == 0
     assert "max |logit diff|" in capsys.readouterr().out
-    assert checkpoint.verify(tiny, nemo_file) <= 1e-5
+    assert checkpoint.verify(sharded_tiny_hf, nemo_file) <= 1e-5
     other = write_tiny_llama(tmp_path / "other", seed=1)
-    assert convert_main(["verify", "--hf", str(other), "--ckpt", str(megatron_ckpt)]) == 1
+    assert convert_main(["verify", "--hf", str(other), "--ckpt", str(sharded_tiny_mcore)]) == 1
 
 
 def test_tied_embeddings_round_trip(tmp_path):
@@ -122,11 +108,11 @@ def test_tied_embeddings_round_trip(tmp_path):
     assert_bit_exact(hf, back)
 
 
-def test_truncated_shard_fails_cleanly(tiny, tmp_path):
+def test_truncated_shard_fails_cleanly(sharded_tiny_hf, tmp_path):
     import shutil
 
     broken = tmp_path / "broken"
-    shutil.copytree(tiny, broken)
+    shutil.copytree(sharded_tiny_hf, broken)
     shard = sorted(broken.glob("*.safetensors"))[1]
     shard.write_bytes(shard.read_bytes()[:-100])
     out = tmp_path / "out"
@@ -137,18 +123,19 @@ def test_truncated_shard_fails_cleanly(tiny, tmp_path):
     assert not (tmp_path / "x.nemo").exists() and leftovers(tmp_path) == []
 
 
-def test_unsupported_architecture_and_shape_mismatch(tiny, tmp_path):
+def test_unsupported_architecture_and_shape_mismatch(sharded_tiny_hf, tmp_path):
     import shutil
 
-    for name, edit, message in (
-        ("mistral", {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, "unsupported architecture"),
-        ("shapes", {"intermediate_size": 192}, "does not match its config"),
+    for name, edit, error, message in (
+        ("mistral", {"architectures": ["MixtralForCausalLM"], "model_type": "mixtral"}, ModelConfigError,
+         "unsupported architecture"),
+        ("shapes", {"intermediate_size": 192}, checkpoint_files.ConversionError, "does not match its config"),
     ):
         bad = tmp_path / name
-        shutil.copytree(tiny, bad)
+        shutil.copytree(sharded_tiny_hf, bad)
         config = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**config, **edit}))
-        with pytest.raises(checkpoint_files.ConversionError, match=message):
+        with pytest.raises(error, match=message):
             checkpoint.hf_to_megatron(bad, tmp_path / f"out-{name}", progress=False)
         assert not (tmp_path / f"out-{name}").exists()
     assert leftovers(tmp_path) == []
@@ -166,6 +153,6 @@ def test_nemo_with_parent_path_member_is_refused(tmp_path):
     assert not (tmp_path.parent / "escaped.yaml").exists() and not (tmp_path / "out").exists()
 
 
-def test_existing_output_is_not_overwritten(tiny, megatron_ckpt):
+def test_existing_output_is_not_overwritten(sharded_tiny_hf, sharded_tiny_mcore):
     with pytest.raises(checkpoint_files.ConversionError, match="already exists"):
-        checkpoint.hf_to_megatron(tiny, megatron_ckpt, progress=False)
+        checkpoint.hf_to_megatron(sharded_tiny_hf, sharded_tiny_mcore, progress=False)

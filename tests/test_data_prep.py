@@ -7,16 +7,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_data_prep_support import (REAL_FIQA_OVERRIDES, needs_shared_fiqa, prep_config_dir, run_prep,
-                                    tree_bytes)
+from test_data_prep_support import REAL_FIQA_OVERRIDES, needs_shared_fiqa, run_prep, tree_bytes
 
 from nemotune.data_prep import formats, make_sample, make_tiny_tokenizer, templating
 from nemotune.data_prep.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_fingerprint
-
-
-@pytest.fixture(scope="module")
-def conf_dir(tmp_path_factory):
-    return prep_config_dir(tmp_path_factory.mktemp("conf"))
 
 
 @pytest.fixture(scope="module")
@@ -25,9 +19,9 @@ def tiny():
 
 
 @pytest.fixture(scope="module")
-def sample_out(conf_dir, tmp_path_factory):
+def sample_out(prep_conf_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("prep") / "sample"
-    assert run_prep(conf_dir, out) == 0
+    assert run_prep(prep_conf_dir, out) == 0
     return out
 
 
@@ -92,10 +86,10 @@ def test_tiny_tokenizer_rebuilds_identically_and_templates_like_llama31(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------ pipeline
-def test_outputs_byte_identical_across_runs_and_num_proc(conf_dir, sample_out, tmp_path):
+def test_outputs_byte_identical_across_runs_and_num_proc(prep_conf_dir, sample_out, tmp_path):
     again, parallel = tmp_path / "again", tmp_path / "parallel"
-    assert run_prep(conf_dir, again) == 0
-    assert run_prep(conf_dir, parallel, "data.num_proc=2") == 0
+    assert run_prep(prep_conf_dir, again) == 0
+    assert run_prep(prep_conf_dir, parallel, "data.num_proc=2") == 0
     reference = tree_bytes(sample_out)
     assert {"splits.csv", "config.json", "manifest.json", "train/packed_1024_seed1234.npy"} <= set(reference)
     assert tree_bytes(again) == reference
@@ -143,9 +137,9 @@ def test_packed_files_hold_every_example_once_and_whole(sample_out):
     assert sorted(documents) == sorted(expected)
 
 
-def test_pad_seq_to_mult_pads_each_document_without_loss(conf_dir, tmp_path):
+def test_pad_seq_to_mult_pads_each_document_without_loss(prep_conf_dir, tmp_path):
     out = tmp_path / "padded"
-    assert run_prep(conf_dir, out, "data.pad_seq_to_mult=8", "data.splits=[validation]") == 0
+    assert run_prep(prep_conf_dir, out, "data.pad_seq_to_mult=8", "data.splits=[validation]") == 0
     packs = formats.load_packed(formats.packed_path(out, "validation", 1024, 1234))
     tokenized = formats.load_tokenized(formats.tokenized_path(out, "validation"))
     real = sum(len(r["input_ids"]) for r in tokenized)
@@ -156,11 +150,11 @@ def test_pad_seq_to_mult_pads_each_document_without_loss(conf_dir, tmp_path):
     assert meta["real_tokens"] == real and meta["pad_seq_to_mult"] == 8
 
 
-def test_stratified_resplit_within_one_example_per_bucket(conf_dir, tmp_path):
+def test_stratified_resplit_within_one_example_per_bucket(prep_conf_dir, tmp_path):
     from nemotune.data_prep.splitting import length_buckets
 
     out = tmp_path / "resplit"
-    assert run_prep(conf_dir, out, "data.resplit=true") == 0
+    assert run_prep(prep_conf_dir, out, "data.resplit=true") == 0
     manifest = formats.read_manifest(out)
     assert manifest["splits"] == ["sft", "rl", "eval"]
     assert manifest["split_roles"] == {"train": "sft", "validation": "rl", "test": "eval"}
@@ -193,7 +187,7 @@ def test_split_assignment_ignores_input_order():
     assert forward == backward and forward != other_seed
 
 
-def test_nemo_chat_and_messages_formats_round_trip(conf_dir, sample_out, tmp_path):
+def test_nemo_chat_and_messages_formats_round_trip(prep_conf_dir, sample_out, tmp_path):
     rows = formats.load_messages(formats.messages_path(sample_out, "validation"))
     nemo = [formats.to_nemo_chat(r["messages"]) for r in rows]
     assert [formats.from_nemo_chat(n) for n in nemo] == [r["messages"] for r in rows]
@@ -202,7 +196,7 @@ def test_nemo_chat_and_messages_formats_round_trip(conf_dir, sample_out, tmp_pat
     (tmp_path / "chat.jsonl").write_bytes(formats.jsonl_bytes({"messages": r["messages"]} for r in rows))
     for name, fmt in (("nemo.jsonl", "nemo_chat"), ("chat.jsonl", "messages"), ("chat.jsonl", "auto")):
         out = tmp_path / f"out_{fmt}"
-        assert run_prep(conf_dir, out, "data.source=local", f"data.path={tmp_path / name}", f"data.format={fmt}") == 0
+        assert run_prep(prep_conf_dir, out, "data.source=local", f"data.path={tmp_path / name}", f"data.format={fmt}") == 0
         assert formats.read_manifest(out)["splits"] == ["sft", "rl", "eval"]
         produced = {r["id"]: r for s in ("sft", "rl", "eval")
                     for r in formats.iter_jsonl(formats.tokenized_path(out, s))}
@@ -210,7 +204,7 @@ def test_nemo_chat_and_messages_formats_round_trip(conf_dir, sample_out, tmp_pat
         assert produced == expected
 
 
-def test_manifest_tokenizer_hashes_change_with_the_tokenizer(conf_dir, sample_out, tmp_path, tiny):
+def test_manifest_tokenizer_hashes_change_with_the_tokenizer(prep_conf_dir, sample_out, tmp_path, tiny):
     changed_template = tmp_path / "tok_template"
     shutil.copytree(tiny_tokenizer_dir(), changed_template)
     config = json.loads((changed_template / "tokenizer_config.json").read_text())
@@ -224,30 +218,30 @@ def test_manifest_tokenizer_hashes_change_with_the_tokenizer(conf_dir, sample_ou
     base = formats.read_manifest(sample_out)["tokenizer"]
     for directory, key in ((changed_template, "chat_template_sha256"), (changed_vocab, "tokenizer_json_sha256")):
         out = tmp_path / f"out_{directory.name}"
-        assert run_prep(conf_dir, out, f"tokenizer={directory}", "data.splits=[validation]") == 0
+        assert run_prep(prep_conf_dir, out, f"tokenizer={directory}", "data.splits=[validation]") == 0
         fingerprint = formats.read_manifest(out)["tokenizer"]
         assert fingerprint[key] != base[key]
         assert fingerprint == tokenizer_fingerprint(load_tokenizer(str(directory)))
         assert formats.read_manifest(out)["outputs"] != formats.read_manifest(sample_out)["outputs"]
 
 
-def test_thinking_mode_adds_the_nemotron_system_line(conf_dir, tmp_path):
+def test_thinking_mode_adds_the_nemotron_system_line(prep_conf_dir, tmp_path):
     from nemotune.data_prep.config import FIQA_SYSTEM_PROMPT
 
     for mode, line in (("thinking_on", "detailed thinking on"), ("thinking_off", "detailed thinking off")):
         out = tmp_path / mode
-        assert run_prep(conf_dir, out, f"data.system_prompt_mode={mode}", "data.splits=[validation]") == 0
+        assert run_prep(prep_conf_dir, out, f"data.system_prompt_mode={mode}", "data.splits=[validation]") == 0
         system, user, _ = formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"]
         # the model card's layout: the switch line alone, the task's system prompt leading the user turn
         assert system == {"role": "system", "content": line}
         assert user["content"].startswith(FIQA_SYSTEM_PROMPT + "\n\n")
     out = tmp_path / "placement_system"
-    assert run_prep(conf_dir, out, "data.system_prompt_mode=thinking_on", "data.task_prompt_placement=system",
+    assert run_prep(prep_conf_dir, out, "data.system_prompt_mode=thinking_on", "data.task_prompt_placement=system",
                     "data.splits=[validation]") == 0
     system = formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"][0]
     assert system["content"] == f"detailed thinking on\n{FIQA_SYSTEM_PROMPT}"
     out = tmp_path / "none"
-    assert run_prep(conf_dir, out, "data.system_prompt_mode=none", "data.system_prompt=null",
+    assert run_prep(prep_conf_dir, out, "data.system_prompt_mode=none", "data.system_prompt=null",
                     "data.splits=[validation]") == 0
     assert formats.load_messages(formats.messages_path(out, "validation"))[0]["messages"][0]["role"] == "user"
 
@@ -294,12 +288,12 @@ def test_help_explains_the_cli(capsys):
 
 # ------------------------------------------------------------------------------------------------ real rows
 @needs_shared_fiqa
-def test_real_fiqa_rows_prep_cleanly_through_field_mapping(conf_dir, tmp_path, tiny):
+def test_real_fiqa_rows_prep_cleanly_through_field_mapping(prep_conf_dir, tmp_path, tiny):
     out = tmp_path / "real"
-    assert run_prep(conf_dir, out, *REAL_FIQA_OVERRIDES, "data.max_seq_length=4096", "data.pack_size=4096",
+    assert run_prep(prep_conf_dir, out, *REAL_FIQA_OVERRIDES, "data.max_seq_length=4096", "data.pack_size=4096",
                     flags=("--validate-only",)) == 0
     assert not out.exists()
-    assert run_prep(conf_dir, out, *REAL_FIQA_OVERRIDES, "data.max_seq_length=4096", "data.pack_size=4096") == 0
+    assert run_prep(prep_conf_dir, out, *REAL_FIQA_OVERRIDES, "data.max_seq_length=4096", "data.pack_size=4096") == 0
     manifest = formats.read_manifest(out)
     assert manifest["inputs"][0]["rows"] == 648 and manifest["counts"]["rejected"] == 0
     kept = sum(manifest["counts"][s]["examples"] for s in manifest["splits"])

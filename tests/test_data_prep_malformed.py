@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
-from test_data_prep_support import prep_config_dir, run_prep
+from test_data_prep_support import run_prep
 
 from nemotune.data_prep import formats, make_sample
 
@@ -48,11 +48,6 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def conf_dir(tmp_path_factory):
-    return prep_config_dir(tmp_path_factory.mktemp("conf"))
-
-
 def write_input(directory: Path, bad: bytes) -> Path:
     lines = GOOD_FIELDS[:3] + [bad] + GOOD_FIELDS[3:]
     path = directory / "input.jsonl"
@@ -70,22 +65,22 @@ def leftovers(directory: Path) -> list[str]:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_malformed_input_is_named_by_file_and_line(case, conf_dir, tmp_path, capsys):
+def test_malformed_input_is_named_by_file_and_line(case, prep_conf_dir, tmp_path, capsys):
     bad, reason = CASES[case]
     path = write_input(tmp_path, bad)
     out = tmp_path / "out"
-    assert run_prep(conf_dir, out, *overrides(path)) == 1
+    assert run_prep(prep_conf_dir, out, *overrides(path)) == 1
     error = capsys.readouterr().err
     assert f"{path}:{BAD_LINE}: " in error and reason in error, error[:2000]
     assert error.count(f"  {path}:") == 1  # only the bad line is reported
     assert not out.exists() and leftovers(tmp_path) == []
 
-    assert run_prep(conf_dir, out, *overrides(path), flags=("--validate-only",)) == 1
+    assert run_prep(prep_conf_dir, out, *overrides(path), flags=("--validate-only",)) == 1
     listing = capsys.readouterr().out
     assert f"{path}:{BAD_LINE}: " in listing and reason in listing
     assert not out.exists()
 
-    assert run_prep(conf_dir, out, *overrides(path), flags=("--skip-bad",)) == 0
+    assert run_prep(prep_conf_dir, out, *overrides(path), flags=("--skip-bad",)) == 0
     [reject] = list(formats.iter_jsonl(out / formats.REJECTS))
     assert reject["source"] == str(path) and reject["line"] == BAD_LINE and reason in reject["reason"]
     manifest = formats.read_manifest(out)
@@ -94,11 +89,11 @@ def test_malformed_input_is_named_by_file_and_line(case, conf_dir, tmp_path, cap
     assert leftovers(tmp_path) == []
 
 
-def test_every_problem_is_listed_at_once(conf_dir, tmp_path, capsys):
+def test_every_problem_is_listed_at_once(prep_conf_dir, tmp_path, capsys):
     path = tmp_path / "input.jsonl"
     path.write_bytes(b"\n".join([GOOD_FIELDS[0], CASES["truncated_json"][0], GOOD_FIELDS[1],
                                  CASES["empty_answer"][0], CASES["binary_bytes"][0]]) + b"\n")
-    assert run_prep(conf_dir, tmp_path / "out", *overrides(path)) == 1
+    assert run_prep(prep_conf_dir, tmp_path / "out", *overrides(path)) == 1
     error = capsys.readouterr().err
     assert "3 problem(s)" in error
     for line in (2, 4, 5):
@@ -106,20 +101,20 @@ def test_every_problem_is_listed_at_once(conf_dir, tmp_path, capsys):
     assert "--skip-bad" in error
 
 
-def test_validate_only_flags_prompts_without_room_for_an_answer(conf_dir, tmp_path, capsys):
+def test_validate_only_flags_prompts_without_room_for_an_answer(prep_conf_dir, tmp_path, capsys):
     long_question = json.dumps({"question": "Please explain how taxes work. " * 60, "answer": "It depends."}).encode()
     path = write_input(tmp_path, long_question)
-    assert run_prep(conf_dir, tmp_path / "out", *overrides(path), "data.max_seq_length=128",
+    assert run_prep(prep_conf_dir, tmp_path / "out", *overrides(path), "data.max_seq_length=128",
                     "data.pack_size=1024", flags=("--validate-only",)) == 1
     listing = capsys.readouterr().out
     assert f"{path}:{BAD_LINE}: prompt is" in listing and "no room for an answer" in listing
     assert not (tmp_path / "out").exists()
 
 
-def test_error_while_writing_leaves_previous_output_untouched(conf_dir, tmp_path, monkeypatch):
+def test_error_while_writing_leaves_previous_output_untouched(prep_conf_dir, tmp_path, monkeypatch):
     path = write_input(tmp_path, GOOD_FIELDS[4].replace(b"?", b"??"))
     out = tmp_path / "out"
-    assert run_prep(conf_dir, out, *overrides(path)) == 0
+    assert run_prep(prep_conf_dir, out, *overrides(path)) == 0
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
 
     def explode(*args, **kwargs):
@@ -127,20 +122,20 @@ def test_error_while_writing_leaves_previous_output_untouched(conf_dir, tmp_path
 
     monkeypatch.setattr(formats, "write_packed", explode)
     with pytest.raises(RuntimeError, match="disk full"):
-        run_prep(conf_dir, out, *overrides(path), "data.seed=99")
+        run_prep(prep_conf_dir, out, *overrides(path), "data.seed=99")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert leftovers(tmp_path) == []
     fresh = tmp_path / "fresh"
     with pytest.raises(RuntimeError):
-        run_prep(conf_dir, fresh, *overrides(path))
+        run_prep(prep_conf_dir, fresh, *overrides(path))
     assert not fresh.exists() and leftovers(tmp_path) == []
 
 
-def test_bad_config_values_are_reported_together(conf_dir, tmp_path, capsys):
-    assert run_prep(conf_dir, tmp_path / "out", "data.truncation=middle", "data.pack_algorithm=best_fit",
+def test_bad_config_values_are_reported_together(prep_conf_dir, tmp_path, capsys):
+    assert run_prep(prep_conf_dir, tmp_path / "out", "data.truncation=middle", "data.pack_algorithm=best_fit",
                     "data.split_ratios=[0.5,0.2]") == 1
     error = capsys.readouterr().err
     for key in ("data.truncation", "data.pack_algorithm", "data.split_ratios"):
         assert key in error
-    assert run_prep(conf_dir, tmp_path / "out", "data.no_such_key=1") == 1
+    assert run_prep(prep_conf_dir, tmp_path / "out", "data.no_such_key=1") == 1
     assert "no_such_key" in capsys.readouterr().err

@@ -70,7 +70,8 @@ def test_logged_tflops_and_mfu_are_the_formula_over_the_measured_step(tiny_hf_co
 
     from nemotune.recipes.engine import batches
     from nemotune.recipes.engine.config import compose
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
     from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
     from nemotune.recipes.engine.model import build_gpt_model
     from nemotune.recipes.engine.trainer import SupervisedTrainer, format_step_line

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from nemotune.recipes.engine import lora
-from nemotune.recipes.engine.lora import LoraConfig, apply_lora, resolve_targets
+from nemotune.recipes.engine.config import LoraConfig
+from nemotune.recipes.engine.lora import apply_lora, resolve_targets
 
 NANO_8B = dict(
     architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096, num_hidden_layers=32,
@@ -60,7 +61,7 @@ def test_zero_b_is_the_base_model_and_only_adapters_train(tiny_hf_config, varian
     ids, pos = _batch(tiny_hf_config)
     with torch.no_grad():
         base_logits = model(ids, pos, None)
-    summary = apply_lora(model, LoraConfig(dim=4, alpha=8, variant=variant, seed=3))
+    summary = apply_lora(model, LoraConfig(dim=4, alpha=8, variant=variant), seed=3)
     state = lora.adapter_state_dict(model)
     assert all(v.abs().sum() > 0 for k, v in state.items() if k.endswith("linear_in.weight"))
     assert all(v.abs().sum() == 0 for k, v in state.items() if k.endswith("linear_out.weight"))
@@ -149,13 +150,13 @@ def test_invalid_config_reports_every_problem(tiny_hf_config):
 
 
 def test_seeded_init_and_xavier(tiny_hf_config):
-    def a_weights(cfg):
+    def a_weights(cfg, seed):
         model = _tiny_model(tiny_hf_config)
-        apply_lora(model, cfg)
+        apply_lora(model, cfg, seed=seed)
         return {k: v for k, v in lora.adapter_state_dict(model).items() if "linear_in" in k}
 
-    first, again = a_weights(LoraConfig(seed=1)), a_weights(LoraConfig(seed=1))
-    other, xavier = a_weights(LoraConfig(seed=2)), a_weights(LoraConfig(seed=1, init_method_a="xavier"))
+    first, again = a_weights(LoraConfig(), 1), a_weights(LoraConfig(), 1)
+    other, xavier = a_weights(LoraConfig(), 2), a_weights(LoraConfig(init_method_a="xavier"), 1)
     key = next(iter(first))
     assert torch.equal(first[key], again[key]) and not torch.equal(first[key], other[key])
     bound = (6 / sum(xavier[key].shape)) ** 0.5

@@ -82,9 +82,10 @@ def test_activation_model_equals_the_tensors_autograd_saves():
 
     from gpu_lora import synthetic_packs
     from nemotune.recipes.engine import batches, distributed
-    from nemotune.recipes.engine.lora import LoraConfig, apply_lora
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
     from nemotune.recipes.engine.model import build_gpt_model
-    from nemotune.recipes.engine.trainer import rotary_positions
+    from nemotune.recipes.engine.trainer import RotaryPositions
 
     spec = plan_accuracy.CONFIGS["tiny_512"]
     hf = plan_accuracy.hf_config(spec["model"])
@@ -101,7 +102,7 @@ def test_activation_model_equals_the_tensors_autograd_saves():
 
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             mask = batches.DocumentMask(batch["document_lengths"], batch["tokens"].shape[1])
-            with rotary_positions(model, batch["position_ids"]):
+            with RotaryPositions(model, batch["position_ids"]):
                 model(batch["tokens"], batch["position_ids"], mask, labels=batch["labels"])
         params = {p.untyped_storage().data_ptr() for p in model.parameters()}
         saved = sum(size for ptr, size in storages.items() if ptr not in params)
@@ -119,7 +120,8 @@ def test_activation_model_equals_the_tensors_autograd_saves():
 @pytest.mark.parametrize("variant", ["canonical", "nemo"])
 @pytest.mark.parametrize("targets", [["all-linear"], ["q_proj", "v_proj", "o_proj"], ["down_proj"]])
 def test_lora_parameters_equal_the_engines_count(variant, targets):
-    from nemotune.recipes.engine.lora import LoraConfig, count_lora_parameters, resolve_targets
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import count_lora_parameters, resolve_targets
 
     hf = plan_accuracy.hf_config(plan_accuracy.CONFIGS["v32k_h768_l8_1024_attn"]["model"])
     expected = count_lora_parameters(hf, LoraConfig(dim=8, target_modules=targets, variant=variant))

@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from nemotune.recipes.launch import main as launch_main
-from nemotune.recipes.engine.config import LoraSettings
+from nemotune.recipes.engine.config import LoraConfig
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -186,7 +186,7 @@ def test_submitted_job_trains_on_two_ranks(completed_job, tiny_assets):
     adapter = run_dir / "checkpoints" / f"step{STEPS:07d}" / "adapter"
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert (config["dim"], config["alpha"], config["variant"], config["base_checkpoint"]) == \
-        (8, 16, LoraSettings().variant, str(tiny_assets["mcore"]))
+        (8, 16, LoraConfig().variant, str(tiny_assets["mcore"]))
     weights = load_file(adapter / "adapter_weights.safetensors")
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # LoRA B starts at zero: trained adapters have moved away from it

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from nemotune.converters.formats.hf_config import load_hf_config
 from nemotune.converters.formats.mapping import LlamaDims, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 log = logging.getLogger("nemotune.converters")
@@ -374,13 +375,11 @@ def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
 
 
 def _base_config_for(peft_config: Mapping[str, Any], base_config) -> dict:
-    from nemotune.converters.formats.checkpoint import read_hf_config
-
     if isinstance(base_config, Mapping):
-        return read_hf_config(base_config)
+        return load_hf_config(base_config)
     candidate = base_config or peft_config.get("base_model_name_or_path")
     if candidate and (Path(candidate) / "config.json").is_file():
-        return read_hf_config(Path(candidate))
+        return load_hf_config(Path(candidate))
     raise AdapterError("converting a PEFT adapter needs the base model's config: pass base_config (an HF dir or "
                        f"config dict); base_model_name_or_path={candidate!r} is not a local directory")
 

@@ -51,21 +51,6 @@ class ConversionError(RuntimeError):
 
 # ---- HF side -------------------------------------------------------------------------------------------------
 
-def read_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
-    """The validated HF Llama config of a checkpoint dir (unsupported architectures raise ConversionError)."""
-    if isinstance(path_or_dict, Mapping):
-        raw = dict(path_or_dict)
-    else:
-        config_file = Path(path_or_dict) / "config.json"
-        if not config_file.is_file():
-            raise ConversionError(f"{path_or_dict}: no config.json (expected a Hugging Face checkpoint directory)")
-        raw = json.loads(config_file.read_text())
-    try:
-        return load_hf_config(raw)
-    except ValueError as err:
-        raise ConversionError(f"{path_or_dict if not isinstance(path_or_dict, Mapping) else 'config'}: {err}") from err
-
-
 def read_safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
     """name -> (dtype, shape) of a safetensors file, refusing a truncated or corrupt file."""
     return {name: (dtype, shape) for name, (dtype, shape, _) in read_safetensors_layout(path).items()}
@@ -133,7 +118,7 @@ def inspect_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict[str, Path], to
     hf_dir = Path(hf_dir)
     if not hf_dir.is_dir():
         raise ConversionError(f"{hf_dir}: not a directory")
-    hf = read_hf_config(hf_dir)
+    hf = load_hf_config(hf_dir)
     weight_map = hf_weight_map(hf_dir)
     shapes: dict[str, tuple[int, ...]] = {}
     dtypes: dict[str, str] = {}
@@ -462,7 +447,7 @@ def open_megatron_checkpoint(path: str | Path) -> Iterator[tuple[dict, Path, str
     Megatron checkpoint dir or a ``.nemo`` (extracted safely to a temporary dir for the block)."""
     path = Path(path)
     if path.is_dir() and (path / "weights").is_dir():
-        yield read_hf_config(path), path / "weights", "", path
+        yield load_hf_config(path), path / "weights", "", path
         return
     if path.is_dir() and (path / "model_config.yaml").is_file():  # an extracted .nemo
         yield _nemo_hf_config(path), path / "model_weights", NEMO_PREFIX, _nemo_aux_dir(path)
@@ -482,13 +467,13 @@ def _nemo_aux_dir(root: Path) -> Path | None:
 
 def _nemo_hf_config(root: Path) -> dict:
     if (root / "hf" / "config.json").is_file():
-        return read_hf_config(root / "hf")
+        return load_hf_config(root / "hf")
     from megatron.core import dist_checkpointing
 
     cfg = read_nemo_config(root)
     metadata = dist_checkpointing.load_tensors_metadata(str(root / "model_weights"))
     vocab = metadata[NEMO_PREFIX + "embedding.word_embeddings.weight"].global_shape[0]
-    return read_hf_config(hf_config_from_nemo(cfg, vocab))
+    return load_hf_config(hf_config_from_nemo(cfg, vocab))
 
 
 def load_megatron_weights(model, path: str | Path) -> dict:

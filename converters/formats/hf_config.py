@@ -29,7 +29,7 @@ _HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "inte
 
 
 class ModelConfigError(ValueError):
-    pass
+    """config.json is absent or describes a model nemotune does not support; the message says which and why."""
 
 
 def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
@@ -41,8 +41,8 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         path = Path(path_or_dict)
         config_file = path / "config.json" if path.is_dir() else path
         if not config_file.is_file():
-            raise ModelConfigError(f"no config.json at {config_file}: point model.hf_path at a Hugging Face "
-                                   "checkpoint directory")
+            raise ModelConfigError(f"{path}: no config.json; expected a Hugging Face checkpoint directory "
+                                   "(config.json + *.safetensors)")
         raw = json.loads(config_file.read_text())
         origin = str(config_file)
     raw = {k: v for k, v in raw.items() if v is not None or k == "rope_scaling"}

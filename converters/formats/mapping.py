@@ -243,12 +243,6 @@ class HfToMegatron:
         return sorted(self._pending)
 
 
-def hf_to_megatron_names(dims: LlamaDims, spec: str = "local") -> dict[str, tuple[str, ...]]:
-    """Megatron name -> the HF names it is built from."""
-    return {_fill(r.megatron, layer): tuple(_fill(n, layer) for n in r.hf)
-            for r, layer in _expand(llama_rules(spec), dims)}
-
-
 def _rule_for(name: str, dims: LlamaDims, spec: str) -> tuple[Rule | None, list[str]]:
     """The rule of a Megatron name and its HF names (None, [] for a tied model's output layer)."""
     for rule in llama_rules(spec):

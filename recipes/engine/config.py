@@ -10,7 +10,7 @@ group or model exists.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -18,10 +18,12 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
+from nemotune.converters.formats.adapters import VARIANTS
+from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
 from nemotune.data_prep.config import DataConfig
-from nemotune.launchers.config import ClusterConfig
+from nemotune.launchers.config import ClusterConfig, validate_cluster
 
 
 @dataclass
@@ -37,34 +39,49 @@ class RunConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "tiny"
+    """A model group file (conf/model/<name>.yaml) names the model, its architecture and its tokenizer."""
+    name: str = MISSING
     # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
-    hf_config: Dict[str, Any] = field(default_factory=dict)
+    hf_config: Dict[str, Any] = MISSING
     hf_path: Optional[str] = None
     # null = the model's own: hf_path's tokenizer files when it has them, else hub_id's
     tokenizer: Optional[str] = None
-    hub_id: Optional[str] = "nemotune/tiny"  # the model's hub id (nemotune/tiny: the packaged tiny tokenizer)
+    hub_id: Optional[str] = None  # the model's hub id, named by each model file (nemotune/tiny: the packaged one)
     # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
     checkpoint: Optional[str] = None
 
 
 @dataclass
-class LoraSettings:
+class LoraConfig:
+    """LoRA settings: `peft.lora` of the config, the argument of `apply_lora`, the fields of adapter_config.json."""
     dim: int = 32
-    alpha: int = 32
+    alpha: float = 32.0  # effective scale alpha / dim
     dropout: float = 0.0
+    # linear_qkv, linear_proj, linear_fc1, linear_fc2, HF names (q_proj, ..., down_proj) or all-linear
     target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
     layer_selection: Optional[List[int]] = None  # 1-based global layer numbers, as in NeMo; null = all
-    init_method_a: str = "kaiming"
+    init_method_a: str = "kaiming"  # kaiming (uniform, a=sqrt(5), as nn.Linear / HF PEFT) or xavier
     # canonical: one adapter per HF projection (q, k, v, gate, up each with its own A): HF PEFT's layout and
     # parameter counts, exported 1:1. nemo: NeMo's fused lora_kqv_adapter / lora_hto4h_adapter (one shared A).
     variant: str = "canonical"
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.dim
+
+    @classmethod
+    def of(cls, values: Any) -> "LoraConfig":
+        """From a `peft.lora` config node or an adapter_config.json dict (its other keys are ignored)."""
+        if isinstance(values, DictConfig):
+            values = OmegaConf.to_container(values, resolve=True)
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in names})
 
 
 @dataclass
 class PeftConfig:
     peft_scheme: str = "lora"
-    lora: LoraSettings = field(default_factory=LoraSettings)
+    lora: LoraConfig = field(default_factory=LoraConfig)
     # an adapter to start from: a nemotune checkpoint / adapter dir, or a Hugging Face PEFT dir
     restore_from: Optional[str] = None
 
@@ -84,20 +101,26 @@ class SftConfig:
     max_epochs: int = 1
     max_steps: int = -1
     # int: every N steps; float in (0, 1]: that fraction of an epoch
-    val_check_interval: float = 1.0
+    val_check_interval: float = 0.5
     save_interval: int = -1  # steps; -1 = at every validation; must be a multiple of val_check_interval
     limit_val_batches: float = 1.0  # int >= 1: that many batches; float in (0, 1]: that fraction
     gradient_clip_val: float = 1.0
 
 
+OPTIMIZERS = ("adamw", "adam", "sgd")  # megatron-core's OptimizerConfig.optimizer, decoupled_weight_decay
+
+
 @dataclass
 class OptimConfig:
-    name: str = "adam"
+    # adamw: Adam with decoupled weight decay (megatron's default "adam"); adam: L2 weight decay added to the
+    # gradient; sgd: SGD with `momentum`
+    name: str = "adamw"
     lr: float = 1e-4
     min_lr: float = 0.0
     weight_decay: float = 0.01
     betas: List[float] = field(default_factory=lambda: [0.9, 0.98])
     eps: float = 1e-8
+    momentum: float = 0.9  # sgd only
     warmup_steps: int = 10
     scheduler: str = "cosine"
 
@@ -189,17 +212,12 @@ def world_size(cfg: DictConfig) -> int:
     return int(cfg.cluster.nodes) * int(cfg.cluster.nproc_per_node)
 
 
-def _hf_config(cfg: DictConfig, problems: List[str]) -> Optional[dict]:
-    from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
-
-    try:
-        if cfg.model.hf_path:
-            return load_hf_config(cfg.model.hf_path)
-        return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
-    except ModelConfigError as err:
-        key = "model.hf_path" if cfg.model.hf_path else "model.hf_config"
-        problems.append(f"{key}: {err}")
-        return None
+def hf_config_of(cfg: DictConfig) -> dict:
+    """The model's normalized HF config: model.hf_path's config.json when set, else model.hf_config.
+    Raises ModelConfigError (converters/formats/hf_config.py) naming the file and the problem."""
+    if cfg.model.hf_path:
+        return load_hf_config(cfg.model.hf_path)
+    return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
 def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
@@ -214,7 +232,11 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
                        ("trainer.global_batch_size", tr.global_batch_size)):
         if value < 1:
             problems.append(f"{key}={value}: must be >= 1")
-    hf = _hf_config(cfg, problems)
+    try:
+        hf = hf_config_of(cfg)
+    except ModelConfigError as err:
+        hf = None
+        problems.append(f"{'model.hf_path' if cfg.model.hf_path else 'model.hf_config'}: {err}")
     if hf and tp >= 1:
         heads, groups = hf["num_attention_heads"], hf["num_key_value_heads"]
         if heads % tp:
@@ -255,6 +277,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     if sft.save_interval > 0 and vci >= 1 and sft.save_interval % int(vci):
         problems.append(f"trainer.sft.save_interval={sft.save_interval}: must be a multiple of "
                         f"val_check_interval={int(vci)}")
+    if tr.optim.name not in OPTIMIZERS:
+        problems.append(f"trainer.optim.name={tr.optim.name}: not an optimizer megatron-core provides here; "
+                        f"use one of {', '.join(OPTIMIZERS)}")
     if tr.optim.lr <= 0:
         problems.append(f"trainer.optim.lr={tr.optim.lr}: must be > 0")
     if tr.precision not in ("auto", "fp32", "bf16"):
@@ -264,16 +289,14 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     stage_names = [stage.name for stage in cfg.stages]
     if cfg.run.stage is not None and cfg.run.stage not in stage_names:
         problems.append(f"run.stage={cfg.run.stage}: not a stage of this experiment; use one of {stage_names}")
-    if cfg.peft.lora.variant not in ("canonical", "nemo"):
-        problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use canonical or nemo")
+    if cfg.peft.lora.variant not in VARIANTS:
+        problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use one of {', '.join(VARIANTS)}")
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
-    try:
-        from nemotune.recipes.engine.lora import resolve_targets
+    from nemotune.recipes.engine.lora import resolve_targets
 
+    try:
         resolve_targets(list(cfg.peft.lora.target_modules))
-    except ImportError:
-        pass
     except ValueError as err:
         problems.append(f"peft.lora.target_modules: {err}")
     if check_files:
@@ -282,12 +305,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
             if value and not Path(value).exists():
                 problems.append(f"{key}={value}: no such file or directory; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
-    try:
-        from nemotune.launchers.config import validate_cluster
-
-        problems.extend(validate_cluster(cfg))
-    except ImportError:
-        pass
+    problems.extend(validate_cluster(cfg))
     if problems:
         raise ConfigError(problems)
     import sys

@@ -40,41 +40,22 @@ import copy
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 import torch
 
-TARGETS = ("linear_qkv", "linear_proj", "linear_fc1", "linear_fc2")
-ALIASES = {"q_proj": "linear_qkv", "k_proj": "linear_qkv", "v_proj": "linear_qkv", "o_proj": "linear_proj",
-           "gate_proj": "linear_fc1", "up_proj": "linear_fc1", "down_proj": "linear_fc2"}
+from nemotune.converters.formats.adapters import TARGETS as ADAPTER_TARGETS
+from nemotune.converters.formats.adapters import VARIANTS
+from nemotune.recipes.engine.config import LoraConfig
+
+# The targets, their HF names and adapter names are the adapter file format's table (ADAPTER_TARGETS).
+TARGETS = tuple(ADAPTER_TARGETS)
+ALIASES = {module.rsplit(".", 1)[-1]: name for name, target in ADAPTER_TARGETS.items()
+           for module in target.hf_modules}
 ALL_LINEAR = "all-linear"
-VARIANTS = ("canonical", "nemo")
 _COLUMN_PARALLEL = {"linear_qkv", "linear_fc1"}
-_PARENT = {"linear_qkv": "self_attention", "linear_proj": "self_attention", "linear_fc1": "mlp", "linear_fc2": "mlp"}
-_ADAPTER_NAMES = {
-    ("nemo", "linear_qkv"): "lora_kqv_adapter", ("canonical", "linear_qkv"): "lora_unfused_kqv_adapter",
-    ("nemo", "linear_fc1"): "lora_hto4h_adapter", ("canonical", "linear_fc1"): "lora_unfused_hto4h_adapter",
-    "linear_proj": "lora_dense_attention_adapter", "linear_fc2": "lora_4htoh_adapter",
-}
 _LAYER_KEY = re.compile(r"^decoder\.layers\.(\d+)\.")
-
-
-@dataclass
-class LoraConfig:
-    dim: int = 32
-    alpha: float = 32
-    dropout: float = 0.0
-    target_modules: List[str] = field(default_factory=lambda: [ALL_LINEAR])
-    layer_selection: Optional[List[int]] = None  # 1-based global layer numbers; None = every layer
-    init_method_a: str = "kaiming"  # kaiming (uniform, a=sqrt(5), as nn.Linear / HF PEFT) or xavier
-    variant: str = "canonical"
-    seed: int = 1234
-    restore_from: Optional[str] = None
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.dim
 
 
 @dataclass
@@ -214,18 +195,20 @@ class UnfusedLoraAdapter(_ShardedChildren, torch.nn.Module, _HookedAdapter):
         self.q_rows_per_group = q_rows_per_group  # heads per query group * head_dim
 
     def local_delta(self, x):
-        if hasattr(self, "q_adapter"):  # linear_qkv rows are [q heads, k, v] per query group
-            q, k, v = self.q_adapter(x), self.k_adapter(x), self.v_adapter(x)
+        outs = [branch(x) for branch in self.children()]  # in the target's HF-module order
+        if self.q_rows_per_group:  # linear_qkv rows are [q heads, k, v] per query group
+            q, k, v = outs
             lead, groups = q.shape[:-1], q.shape[-1] // self.q_rows_per_group
             parts = [t.reshape(*lead, groups, -1) for t in (q, k, v)]
             return torch.cat(parts, dim=-1).reshape(*lead, -1)
-        return torch.cat([self.gate_adapter(x), self.up_adapter(x)], dim=-1)
+        return torch.cat(outs, dim=-1)  # linear_fc1 rows are cat(gate, up)
 
 
 # ---- building -------------------------------------------------------------------------------------------
 
 def _adapter_name(target: str, variant: str) -> str:
-    return _ADAPTER_NAMES.get((variant, target)) or _ADAPTER_NAMES[target]
+    entry = ADAPTER_TARGETS[target]
+    return entry.nemo_adapter if variant == "nemo" else entry.canonical_adapter
 
 
 def _make_adapter(config, target: str, cfg: LoraConfig, sequence_parallel: bool):
@@ -237,13 +220,13 @@ def _make_adapter(config, target: str, cfg: LoraConfig, sequence_parallel: bool)
     def branch(in_features, out_features):
         return LoraBranch(config, in_features, out_features, cfg.dim, cfg.dropout, column)
 
-    if target == "linear_qkv" and cfg.variant == "canonical":
-        adapter = UnfusedLoraAdapter({"q_adapter": branch(hidden, heads * head_dim),
-                                              "k_adapter": branch(hidden, groups * head_dim),
-                                              "v_adapter": branch(hidden, groups * head_dim)},
+    parts = [sub for sub, _ in ADAPTER_TARGETS[target].parts]
+    if target == "linear_qkv" and cfg.variant == "canonical":  # parts: q, k, v
+        rows = (heads * head_dim, groups * head_dim, groups * head_dim)
+        adapter = UnfusedLoraAdapter({sub: branch(hidden, n) for sub, n in zip(parts, rows)},
                                      q_rows_per_group=heads // groups * head_dim)
-    elif target == "linear_fc1" and cfg.variant == "canonical":
-        adapter = UnfusedLoraAdapter({"gate_adapter": branch(hidden, ffn), "up_adapter": branch(hidden, ffn)})
+    elif target == "linear_fc1" and cfg.variant == "canonical":  # parts: gate, up
+        adapter = UnfusedLoraAdapter({sub: branch(hidden, ffn) for sub in parts})
     else:
         in_features, out_features = {
             "linear_qkv": (hidden, (heads + 2 * groups) * head_dim), "linear_proj": (heads * head_dim, hidden),
@@ -254,8 +237,9 @@ def _make_adapter(config, target: str, cfg: LoraConfig, sequence_parallel: bool)
     return adapter
 
 
-def apply_lora(model, cfg: LoraConfig) -> AdapterSummary:
-    """Freeze `model` (a GPTModel, a DDP/Float16 wrapper or a list of chunks) and add LoRA adapters."""
+def apply_lora(model, cfg: LoraConfig, *, seed: int = 1234) -> AdapterSummary:
+    """Freeze `model` (a GPTModel, a DDP/Float16 wrapper or a list of chunks) and add LoRA adapters; A is
+    drawn from `seed` (the run's seed), B starts at zero."""
     problems = []
     if cfg.variant not in VARIANTS:
         problems.append(f"variant={cfg.variant!r}: use one of {list(VARIANTS)}")
@@ -292,7 +276,7 @@ def apply_lora(model, cfg: LoraConfig) -> AdapterSummary:
             continue
         layer_numbers.append(layer.layer_number)
         for target in targets:
-            parent = getattr(layer, _PARENT[target])
+            parent = getattr(layer, ADAPTER_TARGETS[target].block)
             base = getattr(parent, target)
             device = base.weight.device
             with torch.device("meta") if device.type == "meta" else torch.device("cpu"):
@@ -304,19 +288,19 @@ def apply_lora(model, cfg: LoraConfig) -> AdapterSummary:
             if hasattr(base, "return_layernorm_output"):  # TE: the adapter needs the normalized input
                 base.return_layernorm_output = True
             base.register_forward_hook(adapter.after_base)
-    _init_adapters(chunks, cfg)
+    _init_adapters(chunks, cfg, seed)
     trainable, total = parameter_counts(chunks)
     return AdapterSummary(targets=targets, layer_numbers=layer_numbers, trainable_parameters=trainable,
                           total_parameters=total)
 
 
-def _init_adapters(chunks, cfg: LoraConfig) -> None:
+def _init_adapters(chunks, cfg: LoraConfig, seed: int) -> None:
     for name, param in _adapter_params(chunks).items():
         if param.is_meta:
             continue
         full = torch.zeros(_full_shape(param), dtype=torch.float32)
         if name.endswith("linear_in.weight"):
-            generator = torch.Generator().manual_seed(cfg.seed * 1_000_003 + zlib.crc32(name.encode()))
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             if cfg.init_method_a == "kaiming":
                 torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
             else:

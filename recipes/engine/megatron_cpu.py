@@ -9,8 +9,9 @@ on gloo. This module redirects exactly those places to the CPU so CI exercises t
 
 `enable_cpu_megatron()` is idempotent and does nothing when CUDA is available: on a GPU machine
 megatron-core runs untouched. It is called by `nemotune.recipes.engine.distributed.init_distributed` before any
-megatron module builds a tensor. Every redirect is listed in `_REDIRECTS` and covered by
-tests/test_megatron_cpu.py.
+megatron module builds a tensor. Every redirect is listed in `_REDIRECTS`; tests/test_foundation.py checks
+the switch itself, and every multi-rank CPU test (TP / PP / SP / DP parity, LoRA layouts, training) runs
+through the redirects.
 """
 
 from __future__ import annotations

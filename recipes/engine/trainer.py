@@ -140,7 +140,7 @@ class SupervisedTrainer:
                                    packed_seq_params=batches.packed_seq_params(batch, device))
         else:
             attention_mask = batches.DocumentMask(batch["document_lengths"], tokens.shape[1])
-            with rotary_positions(model, position_ids):
+            with RotaryPositions(model, position_ids):
                 per_token_loss = model(tokens, position_ids, attention_mask, labels=labels)
         return per_token_loss, partial(_answer_token_loss, weights)
 
@@ -281,7 +281,7 @@ def _answer_token_loss(weights: torch.Tensor, per_token_loss: torch.Tensor):
     return loss_sum, tokens, {"loss_sum_and_tokens": torch.stack([loss_sum.detach(), weights.sum().float()])}
 
 
-class rotary_positions:
+class RotaryPositions:
     """Make RoPE follow `position_ids` (restarting at each packed document) instead of 0..S-1.
 
     megatron's local path computes rotary frequencies for positions 0..S-1 of the whole sequence; packed

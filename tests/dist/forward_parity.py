@@ -8,10 +8,11 @@ import sys
 import torch
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.model import build_gpt_model, load_full_state_dict
+from nemotune.recipes.engine.model import build_gpt_model
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402
+from full_weights import load_full_state_dict  # noqa: E402
 
 LAYOUTS = {"tp1": (1, 1, False), "tp2": (2, 1, False), "tp2_sp": (2, 1, True), "pp2": (1, 2, False)}
 

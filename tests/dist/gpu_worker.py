@@ -41,13 +41,14 @@ def config(name: str, *extra):
 
 
 def packed_vs_unpacked() -> dict:
-    from nemotune.data_prep.tokenizer import load_tokenizer
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
+    from nemotune.recipes.engine.config import hf_config_of
     from nemotune.recipes.engine.trainer import SupervisedTrainer
-    from nemotune.recipes.lora_sft import build_lora_model, hf_config_of, init_from_config, load_samples, seq_length
+    from nemotune.recipes.lora_sft import build_lora_model, init_from_config, load_samples, seq_length
 
     cfg = config("packing")
     init_from_config(cfg)
-    packs = load_samples(cfg, "eval", load_tokenizer(cfg.model.tokenizer))
+    packs = load_samples(cfg, "eval", load_tokenizer(*model_tokenizer(cfg.model)))
     pack = max(packs, key=lambda s: len(s.seq_start_id))
     hf = hf_config_of(cfg)
     model = build_lora_model(cfg, hf)

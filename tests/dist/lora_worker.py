@@ -12,17 +12,19 @@ from pathlib import Path
 import torch
 
 from nemotune.recipes.engine import distributed, lora
-from nemotune.recipes.engine.model import build_gpt_model, load_full_state_dict
+from nemotune.recipes.engine.config import LoraConfig
+from nemotune.recipes.engine.model import build_gpt_model
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402
+from full_weights import load_full_state_dict  # noqa: E402
 
-VARIANTS = ("canonical", "nemo")
+VARIANTS = lora.VARIANTS
 SEQ = 16
 
 
 def lora_config(variant):
-    return lora.LoraConfig(dim=4, alpha=8, variant=variant, seed=7)
+    return LoraConfig(dim=4, alpha=8, variant=variant)
 
 
 def start(tp, pp):
@@ -50,7 +52,7 @@ def run_layout(full_base, adapters, inputs, sequence_parallel=False):
     for variant in VARIANTS:
         model = build_gpt_model(TINY_HF, sequence_parallel=sequence_parallel)
         load_full_state_dict(model, full_base)
-        summary = lora.apply_lora(model, lora_config(variant))
+        summary = lora.apply_lora(model, lora_config(variant), seed=7)
         fresh = lora.gather_adapter(model)
         load = adapters[variant] if adapters else fresh
         if not adapters:  # TP=1 reference: a random full adapter (B nonzero), identical on both ranks
