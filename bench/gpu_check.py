@@ -10,6 +10,7 @@ A lent GPU machine has CUDA PyTorch on Python 3.12 but no internet and no megatr
                                #   1. tests/test_gpu.py (bf16 steps vs the fp32 CPU reference, packed =
                                #      unpacked on the GPU path, checkpoint resume)
                                #   2. bench/gpu_lora.py --precisions bf16 (tokens/s/GPU, MFU, peak memory)
+                               #   3. `nemotune plan`'s prediction for the bench's configuration
     make gpu-check DRY_RUN=1   # anywhere: the same steps with the worker on the CPU and the tiny bench,
                                # checking the wheel set instead of installing it
 
@@ -135,13 +136,14 @@ def run_checks(args) -> int:
         else ["--precisions", "bf16", "--steps", str(args.bench_steps)]
     result = subprocess.run(bench, cwd=REPO, env=env)
     failures += result.returncode != 0
-    planner = subprocess.run([sys.executable, "-c", "import nemotune.recipes.plan"], cwd=REPO, env=env,
-                             capture_output=True)
-    if planner.returncode == 0:
-        subprocess.run([sys.executable, "-m", "nemotune.recipes.plan", "model=nemotron_nano_8b", "--gpus", "1"],
-                       cwd=REPO, env=env)
-    else:
-        say("nemotune plan: not part of this version; no prediction printed")
+    # the planner's prediction for the bench's own configuration (LoRA dim 8 / alpha 16 on all linear layers,
+    # micro-batches of one pack, 4 packs per step), to set beside the measured peak memory and tokens/s
+    shape = ["model=tiny", "data.pack_size=512", "--device", "cpu"] if args.dry_run else \
+        ["model=nemotron_nano_8b", "data.pack_size=4096", "--gpu-type", "H200", "--gpu-memory", "141GiB"]
+    plan = subprocess.run([sys.executable, "-m", "nemotune.recipes.plan", "peft.lora.dim=8", "peft.lora.alpha=16",
+                           "peft.lora.target_modules=[all-linear]", "trainer.global_batch_size=4", *shape],
+                          cwd=REPO, env=env)
+    failures += plan.returncode != 0
     elapsed = time.monotonic() - started
     say(f"{'passed' if not failures else f'{failures} step(s) FAILED'} in {elapsed:.0f} s "
         f"(budget {TIME_BUDGET_SECONDS} s)")
