@@ -21,7 +21,7 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        import transformer_engine  # noqa: F401
+        __import__("transformer_engine")
     except Exception:
         return False
     return True
@@ -226,6 +226,10 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
             model = model.cuda()
     if not (init_weights and not meta):
         _mark_tensor_parallel_weights(model)
+    if post_process:  # the loss with labels never holds [tokens x vocab] logits (nemotune.recipes.engine.loss)
+        from nemotune.recipes.engine import loss
+
+        loss.install(model)
     model.hf_config = hf
     return model
 
