@@ -129,5 +129,45 @@ def test_tensor_parallel_chunked_loss_equals_plain_tp2():
     assert result.stdout.count("chunked_loss_tp ok") == 2, result.stdout
 
 
+def _tiny_hf_lm(target_lm_head: bool):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(**{k: v for k, v in TINY_HF.items() if k != "architectures"}))
+    targets = ["q_proj", "v_proj"] + (["lm_head"] if target_lm_head else [])
+    model = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=targets))
+    with torch.no_grad():  # non-zero B: the adapter changes the outputs
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    return model.eval()
+
+
+@pytest.mark.parametrize("target_lm_head", [False, True], ids=["lora_body", "lora_lm_head"])
+def test_hf_answer_token_loss_equals_full_logits_reference(target_lm_head):
+    from nemotune.recipes.engine.generation import masked_next_token_loss
+    from nemotune.recipes.engine.loss import hf_answer_token_loss
+
+    model = _tiny_hf_lm(target_lm_head)
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, TINY_HF["vocab_size"], (3, 20), generator=gen)
+    attn = torch.ones_like(ids)
+    attn[1, 14:] = 0  # a right-padded row
+    mask = torch.zeros_like(ids)
+    mask[0, 8:] = 1
+    mask[1, 5:14] = 1
+    mask[2, 19] = 1
+    with torch.inference_mode():
+        ref_sum, ref_count = masked_next_token_loss(model(input_ids=ids, attention_mask=attn).logits.float(), ids,
+                                                    mask)
+        got_sum, got_count = hf_answer_token_loss(model, ids, attn, mask, chunk=3)
+        with model.disable_adapter():
+            base_sum, _ = hf_answer_token_loss(model, ids, attn, mask, chunk=3)
+    assert got_count == ref_count == 12 + 9 + 1  # the last answer token (row 2) is predicted from position 18
+    assert got_sum == pytest.approx(ref_sum, rel=1e-6)
+    assert abs(base_sum - got_sum) > 1e-4  # the adapter (and, when targeted, the LoRA lm_head) is applied
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))

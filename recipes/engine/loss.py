@@ -220,3 +220,45 @@ def install(model) -> None:
 
     model._postprocess = types.MethodType(_postprocess, model)
     model._chunked_loss_installed = True
+
+
+# ---- Hugging Face causal LMs (eval) --------------------------------------------------------------------------
+
+def hf_body_and_head(model):
+    """(decoder body returning hidden states, output head) of an HF causal LM, through a PEFT wrapper.
+
+    The head is the module `get_output_embeddings()` returns: a LoRA-wrapped lm_head keeps its adapter."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    head = base.get_output_embeddings()
+    body = base.get_decoder() if hasattr(base, "get_decoder") else getattr(base, base.base_model_prefix)
+    if head is None or body is None:
+        raise ValueError(f"{type(base).__name__} exposes no decoder body / output embeddings for the chunked loss")
+    return body, head
+
+
+def hf_answer_token_loss(model, input_ids: torch.Tensor, attention_mask: torch.Tensor, loss_mask: torch.Tensor,
+                         *, chunk: Optional[int] = None) -> tuple[float, int]:
+    """(sum of cross-entropy, token count) of an HF causal LM on the answer tokens, on the model's device.
+
+    Position i predicts token i+1 with weight loss_mask[i+1] (data_prep's token-aligned mask), as
+    `generation.masked_next_token_loss` on full logits; here the body runs once and the head + cross-entropy
+    run only on answer positions, a chunk of tokens at a time, so no [batch x seq x vocab] tensor exists."""
+    import torch.nn.functional as F
+
+    body, head = hf_body_and_head(model)
+    device = next(head.parameters()).device
+    hidden = body(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).last_hidden_state
+    weight = loss_mask[:, 1:].to(device)
+    answer = weight > 0
+    rows = hidden[:, :-1][answer]
+    targets = input_ids[:, 1:].to(device)[answer]
+    weights = weight[answer].float()
+    vocab = getattr(head, "out_features", None) or head.weight.shape[0]
+    chunk = chunk or chunk_tokens(vocab)
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    for start in range(0, rows.shape[0], chunk):
+        logits = head(rows[start:start + chunk]).float()
+        ce = F.cross_entropy(logits, targets[start:start + chunk], reduction="none")
+        total += (ce * weights[start:start + chunk]).sum().double()
+        del logits, ce
+    return float(total), int(weight.sum())
