@@ -16,6 +16,12 @@ chunk, exactly as megatron's `vocab_parallel_cross_entropy` does for the whole t
 
 `install(model)` routes a megatron GPTModel's loss (forward with `labels`) through this function; positions
 whose `loss_mask` is 0 are skipped and get loss 0 (they carry no weight in the trainer's answer-token loss).
+`NEMOTUNE_LOSS_IMPL`: `auto` (default) is chunked except for a trainable output layer on a GPU with megatron's
+fused cross-entropy configured (`cross_entropy_loss_fusion`), which keeps megatron's path; `chunked` always;
+`plain` megatron's own path (the before/after comparison of bench/memory_vocab.py).
+
+`hf_answer_token_loss` is the same idea for `nemotune eval` on a Hugging Face (+ PEFT) model: the decoder body
+runs once and the output head + cross-entropy run in chunks on the answer positions only.
 """
 
 from __future__ import annotations
@@ -188,7 +194,11 @@ def chunked_language_model_loss(model, hidden_states: torch.Tensor, labels: torc
                                                         gather_from_sequence_parallel_region)
 
     layer = model.output_layer
-    group = layer.tp_group
+    group = getattr(layer, "tp_group", None)
+    if group is None:
+        from megatron.core import parallel_state
+
+        group = parallel_state.get_tensor_model_parallel_group()
     if layer.sequence_parallel:  # the output layer all-gathers the sequence and reduce-scatters the grad
         hidden_states = gather_from_sequence_parallel_region(hidden_states, group=group)
     else:  # identity forward, all-reduce of the input gradient across the vocabulary shards
