@@ -42,7 +42,8 @@ def loss_impl() -> str:
     """`NEMOTUNE_LOSS_IMPL`: auto (default), chunked, or plain (megatron's own loss path, for comparisons)."""
     impl = os.environ.get(ENV_IMPL, "auto").strip().lower() or "auto"
     if impl not in IMPLS:
-        raise ValueError(f"{ENV_IMPL}={impl!r} is not one of {IMPLS}; unset it or pick one of those")
+        raise ValueError(f"environment variable {ENV_IMPL}={impl!r} is not one of {', '.join(IMPLS)}; "
+                         "unset it (auto) or set one of those")
     return impl
 
 
@@ -218,6 +219,7 @@ def install(model) -> None:
 
     Idempotent; `NEMOTUNE_LOSS_IMPL=plain` (read at each forward) restores megatron's own loss path.
     """
+    loss_impl()  # a mistyped NEMOTUNE_LOSS_IMPL is refused when the model is built, not at the first step
     if getattr(model, "_chunked_loss_installed", False) or not hasattr(model, "_postprocess"):
         return
     original = model._postprocess
