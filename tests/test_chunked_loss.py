@@ -169,5 +169,30 @@ def test_hf_answer_token_loss_equals_full_logits_reference(target_lm_head):
     assert abs(base_sum - got_sum) > 1e-4  # the adapter (and, when targeted, the LoRA lm_head) is applied
 
 
+def test_training_step_losses_equal_megatron_loss_path(tiny_assets, tmp_path):
+    """End to end through `nemotune train` (SupervisedTrainer, answer-only loss_mask, validation): the chunked
+    default and NEMOTUNE_LOSS_IMPL=plain log the same train and val losses, step by step."""
+    import json
+
+    from conftest import run_module
+
+    def losses(impl):
+        run_dir = tmp_path / impl
+        run_module("nemotune.recipes.lora_sft", "experiment=tiny_lora", f"model.hf_path={tiny_assets['base']}",
+                   f"model.checkpoint={tiny_assets['mcore']}", f"data.output_dir={tiny_assets['prep']}",
+                   f"run.output_dir={run_dir}", "run.tensorboard=false", "trainer.train_split=sft",
+                   "trainer.validation_split=eval", "trainer.sft.max_steps=3", "trainer.sft.val_check_interval=3",
+                   "trainer.sft.limit_val_batches=1", env={ENV_IMPL: impl})
+        rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        return [(r["step"], k, r[k]) for r in rows for k in ("train/loss", "val/loss") if k in r]
+
+    chunked, plain = losses("chunked"), losses("plain")
+    assert [(s, k) for s, k, _ in chunked] == [(s, k) for s, k, _ in plain]
+    assert len(chunked) == 4  # 3 train steps and one validation
+    for (step, key, a), (_, _, b) in zip(chunked, plain):
+        assert a == pytest.approx(b, rel=1e-6, abs=1e-6), (step, key, a, b)
+    assert chunked[2][2] < chunked[0][2]  # it learns: not a comparison of two untouched models
+
+
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-q"]))
