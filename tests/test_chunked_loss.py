@@ -58,6 +58,14 @@ def test_masked_rows_get_zero_loss_and_no_gradient():
     assert h2.grad[20:].abs().sum() == 0
 
 
+def test_micro_batch_without_answer_tokens_gives_zero_loss_and_gradient():
+    h, w, labels = _inputs()
+    h = h.requires_grad_()
+    loss = linear_cross_entropy(h, w, labels, loss_mask=torch.zeros(h.shape[0]))
+    loss.sum().backward()
+    assert loss.shape == (h.shape[0],) and loss.abs().sum() == 0 and h.grad.abs().sum() == 0
+
+
 def test_no_grad_forward_matches_and_builds_no_graph():
     h, w, labels = _inputs()
     with torch.no_grad():
