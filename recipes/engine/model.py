@@ -8,6 +8,7 @@ local (pure PyTorch) spec otherwise; parameters are bf16 on GPU and fp32 on CPU.
 
 from __future__ import annotations
 
+import importlib
 import math
 from typing import Any, Mapping
 
@@ -21,7 +22,7 @@ def te_available() -> bool:
     if not torch.cuda.is_available():
         return False
     try:
-        __import__("transformer_engine")
+        importlib.import_module("transformer_engine")
     except Exception:
         return False
     return True
