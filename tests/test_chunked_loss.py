@@ -66,6 +66,23 @@ def test_micro_batch_without_answer_tokens_gives_zero_loss_and_gradient():
     assert loss.shape == (h.shape[0],) and loss.abs().sum() == 0 and h.grad.abs().sum() == 0
 
 
+@pytest.mark.parametrize("weight_trainable", [False, True], ids=["frozen_weight", "trainable_weight"])
+def test_bf16_inputs_give_fp32_losses_and_bf16_gradients(weight_trainable):
+    """The GPU case (bf16 weights and activations): the logits are upcast per chunk like megatron's loss."""
+    h, w, labels = _inputs()
+    hb, wb = h.bfloat16().requires_grad_(), w.bfloat16().requires_grad_(weight_trainable)
+    loss = linear_cross_entropy(hb, wb, labels, chunk=8)
+    loss.sum().backward()
+    reference = F.cross_entropy((hb.detach() @ wb.detach().t()).float(), labels, reduction="none")
+    assert loss.dtype == torch.float32 and hb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss, reference, atol=1e-5, rtol=1e-5)
+    h32 = hb.detach().float().requires_grad_()
+    F.cross_entropy(h32 @ wb.detach().float().t(), labels, reduction="sum").backward()
+    torch.testing.assert_close(hb.grad.float(), h32.grad, atol=2e-2, rtol=2e-2)
+    if weight_trainable:
+        assert wb.grad.dtype == torch.bfloat16 and wb.grad.abs().sum() > 0
+
+
 def test_no_grad_forward_matches_and_builds_no_graph():
     h, w, labels = _inputs()
     with torch.no_grad():
