@@ -245,6 +245,9 @@ class HFSystems:
     def answer_loss(self, examples: Sequence[dict], system: str, *, batch_size: int = 8,
                     progress: bool = True) -> dict:
         """Token-weighted mean cross-entropy on answer tokens (loss_mask) and its perplexity."""
+        from nemotune.recipes.engine.loss import hf_answer_token_loss, loss_impl
+
+        plain = loss_impl() == "plain"
         torch = self._torch
         total, count = 0.0, 0
         pad = self.tokenizer.pad_token_id or 0
@@ -257,8 +260,11 @@ class HFSystems:
                     raise EvalInputError(f"tokenized data holds token id {too_big} but the base model's vocab_size "
                                          f"is {self.vocab_size}: the data was prepared with another tokenizer. "
                                          "Fix: prepare the data with the base model's tokenizer.")
-                logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
-                s, c = masked_next_token_loss(logits.float().cpu(), ids, mask)
+                if plain:  # NEMOTUNE_LOSS_IMPL=plain: the whole batch's fp32 logits on the CPU (comparisons)
+                    logits = self.model(input_ids=ids.to(self.device), attention_mask=attn.to(self.device)).logits
+                    s, c = masked_next_token_loss(logits.float().cpu(), ids, mask)
+                else:  # chunked on the device: never the whole batch's [tokens x vocab] fp32 logits
+                    s, c = hf_answer_token_loss(self.model, ids, attn, mask)
                 total += s
                 count += c
                 bar.update(len(chunk))
@@ -283,7 +289,8 @@ def _right_pad(examples: Sequence[dict], pad_id: int):
 
 def masked_next_token_loss(logits, input_ids, loss_mask) -> tuple[float, int]:
     """(sum of cross-entropy, number of tokens) predicting token i+1 from position i, weighted by loss_mask[i+1]
-    (the data_prep convention: loss_mask is aligned with input_ids)."""
+    (the data_prep convention: loss_mask is aligned with input_ids). The reference on full logits;
+    `HFSystems.answer_loss` computes the same with nemotune.recipes.engine.loss.hf_answer_token_loss."""
     import torch.nn.functional as F
 
     target = input_ids[:, 1:]

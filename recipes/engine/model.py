@@ -227,6 +227,10 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
             model = model.cuda()
     if not (init_weights and not meta):
         _mark_tensor_parallel_weights(model)
+    if post_process:  # the loss with labels never holds [tokens x vocab] logits (nemotune.recipes.engine.loss)
+        from nemotune.recipes.engine import loss
+
+        loss.install(model)
     model.hf_config = hf
     return model
 

@@ -136,12 +136,12 @@ class SupervisedTrainer:
         labels = batch["labels"].to(device)
         weights = batch["loss_weights"].to(device)
         if self.use_packed_seq_params:  # TE THD: cu_seqlens separate the documents and restart RoPE
-            per_token_loss = model(tokens, position_ids, None, labels=labels,
+            per_token_loss = model(tokens, position_ids, None, labels=labels, loss_mask=weights,
                                    packed_seq_params=batches.packed_seq_params(batch, device))
         else:
             attention_mask = batches.DocumentMask(batch["document_lengths"], tokens.shape[1])
             with RotaryPositions(model, position_ids):
-                per_token_loss = model(tokens, position_ids, attention_mask, labels=labels)
+                per_token_loss = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=weights)
         return per_token_loss, partial(_answer_token_loss, weights)
 
     def _run_schedule(self, micro_batches: List[dict], forward_only: bool):
