@@ -76,9 +76,9 @@ class Ours:
 
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
         from nemotune.data_prep.tokenizer import load_tokenizer
-        from nemotune.recipes import lora_sft
+        from nemotune.recipes.engine import builders as lora_sft
         from nemotune.recipes.engine.config import compose, validate
-        from nemotune.recipes.engine.trainer import SupervisedTrainer
+        from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
 
         cfg = compose("lora_sft", ["experiment=tiny_lora", f"parallel={parallel}", f"model.hf_path={inputs['hf']}",
                                    f"model.checkpoint={inputs['mcore']}", f"data.output_dir={inputs['prep']}",
@@ -94,11 +94,11 @@ class Ours:
         hf = lora_sft.hf_config_of(cfg)
         model = lora_sft.build_lora_model(cfg, hf)
         chunks, optimizer = lora_sft.wrap_for_training(cfg, model)
+        scheduler = lora_sft.build_scheduler(cfg, optimizer, step_plan(cfg, len(self.samples)).max_steps)
         self.trainer = SupervisedTrainer(
-            cfg=cfg, model=chunks, optimizer=optimizer, scheduler=None, train_samples=self.samples,
+            cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, train_samples=self.samples,
             val_samples=self.samples, pad_id=self.pad_id, seq_length=lora_sft.seq_length(cfg), hf_config=hf,
             run_dir=run_dir, checkpointer=None, log_metrics=False)
-        self.trainer.scheduler = lora_sft.build_scheduler(cfg, optimizer, self.trainer.max_steps)
         for chunk in chunks:
             chunk.train()
         self.global_batch_size = cfg.trainer.global_batch_size
