@@ -115,6 +115,7 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
             seq_length=seq_length(cfg), hf_config=hf, run_dir=run_dir, checkpointer=checkpointer, stage=stage,
             step_offset=step_offset, preemption=preemption, use_packed_seq_params=te_available() and cfg.data.packing,
             data_fingerprint=data_fingerprint(cfg, cfg.trainer.train_split))
+        trainer.restore()  # a refused resume stops here, before anything in the run dir changes
         if distributed.is_rank_zero():
             (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
         distributed.print_rank_zero(

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemotune.recipes.engine import distributed
 from nemotune.recipes.engine.megatron_cpu import on_gpu
@@ -125,7 +126,7 @@ class Checkpointer:
         self._agree(failure, tmp, final)
         try:
             dist_checkpointing.save(trainer.sharded_state_dict(), str(tmp / "dist"))
-        except Exception as err:  # torch DCP gathers every rank's failure: all ranks see it
+        except _FAILURES as err:  # torch DCP gathers every rank's failure: all ranks see it
             failure = err
         self._agree(failure, tmp, final)
         try:
@@ -133,7 +134,10 @@ class Checkpointer:
             torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
             if distributed.is_rank_zero():
                 save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
-                payload = {**trainer.state_dict(), "base_model": self.base_reference}
+                payload = {**trainer.state_dict(), "base_model": self.base_reference,
+                           # sizes of the shard files: a resume names a truncated one before reading it
+                           "dist_files": {f.name: f.stat().st_size for f in sorted((tmp / "dist").iterdir())
+                                          if f.is_file()}}
                 (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
         except OSError as err:
             failure = err
@@ -211,10 +215,11 @@ class Checkpointer:
             raise CheckpointError(f"{ckpt} was trained on base {saved_base.get('path')} (sha256 "
                                   f"{saved_base['sha256'][:12]}), not on model.checkpoint="
                                   f"{self.base_reference.get('path')}; use that base, or run.output_dir=<new dir>")
+        self._check_shard_sizes(ckpt, payload.get("dist_files") or {})
         trainer.load_state_dict(payload, source=str(ckpt))
         try:
             state = dist_checkpointing.load(trainer.sharded_state_dict(is_loading=True), str(ckpt / "dist"))
-        except Exception as err:  # truncated or missing shard files: torch names the failing read
+        except _FAILURES as err:  # truncated or missing shard files
             raise CheckpointError(f"{ckpt / 'dist'} is unreadable ({_damaged_file(ckpt / 'dist', err)}); set "
                                   f"run.resume_from=previous to resume from the checkpoint before it (this one is "
                                   f"left in place), or run.output_dir=<new dir> to start a new run") from None
@@ -222,6 +227,22 @@ class Checkpointer:
         rng_file = ckpt / "rng" / f"rank{distributed.rank()}.pt"
         if rng_file.is_file() and payload.get("world_size") == distributed.world_size():
             _set_rng_states(torch.load(rng_file, weights_only=True))
+
+
+    @staticmethod
+    def _check_shard_sizes(ckpt: Path, recorded: dict) -> None:
+        for name, size in recorded.items():
+            path = ckpt / "dist" / name
+            found = path.stat().st_size if path.is_file() else None
+            if found != size:
+                state = "missing" if found is None else f"{found} bytes, {size} when saved (truncated or altered)"
+                raise CheckpointError(f"{path} is {state}; set run.resume_from=previous to resume from the "
+                                      f"checkpoint before it (this one is left in place), or run.output_dir=<new "
+                                      f"dir> to start a new run")
+
+
+# torch's CheckpointException derives from BaseException: catch it, never Ctrl-C or exit
+_FAILURES = (Exception, CheckpointException)
 
 
 def _val_loss(ckpt: Path) -> float:

@@ -205,6 +205,7 @@ class SupervisedTrainer:
         self.steps_per_epoch, self.max_steps = self.plan.steps_per_epoch, self.plan.max_steps
         self.val_interval, self.save_interval = self.plan.val_interval, self.plan.save_interval
         self.resume_notes: List[str] = []
+        self._restored, self.resumed_from = False, None
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.seq_multiple = parallel_state.get_tensor_model_parallel_world_size() \
             if cfg.parallel.sequence_parallel else 1
@@ -380,13 +381,22 @@ class SupervisedTrainer:
         return total_loss / max(total_tokens, 1)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self) -> TrainerState:
-        resumed = self.checkpointer.load_latest(self)
-        if resumed:
+    def restore(self) -> Optional[Path]:
+        """Resume from the run dir's checkpoint (once): refuses before anything is written, states a
+        followed schedule change in one line."""
+        if self._restored:
+            return self.resumed_from
+        self._restored = True
+        self.resumed_from = self.checkpointer.load_latest(self)
+        if self.resumed_from:
             for note in self.resume_notes:
                 distributed.print_rank_zero(note)
-            distributed.print_rank_zero(f"[{self.stage}] resumed from {resumed} at step {self.state.step}, "
+            distributed.print_rank_zero(f"[{self.stage}] resumed from {self.resumed_from} at step {self.state.step}, "
                                         f"consumed_samples {self.state.consumed_samples}")
+        return self.resumed_from
+
+    def fit(self) -> TrainerState:
+        self.restore()
         for chunk in self.model:
             chunk.train()
         stop_after = self.cfg.trainer.stop_after_steps
