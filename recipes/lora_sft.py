@@ -32,6 +32,9 @@ experiment=<name> applies conf/experiment/<name>.yaml. Any key can be overridden
   trainer.optim.lr=5e-5 trainer.sft.max_steps=100 peft.lora.dim=8 parallel=tp2
 Multi-process: torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
                 or nemotune launch ... (local torchrun or Slurm).
+Resume: rerunning into the same run.output_dir continues from its latest complete checkpoint; a changed
+schedule (max_steps, max_epochs, lr, min_lr, warmup) is followed and said in one line, a changed data
+order (global batch, seed, split, data) is refused. run.resume_from=previous skips a damaged latest one.
   --cfg       print the composed config and exit
   -h, --help  this help
 """
