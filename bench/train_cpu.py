@@ -76,7 +76,7 @@ class Ours:
 
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
         from nemotune.data_prep.tokenizer import load_tokenizer
-        from nemotune.recipes.engine import builders as lora_sft
+        from nemotune.recipes.engine import builders
         from nemotune.recipes.engine.config import compose, validate
         from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
 
@@ -87,17 +87,17 @@ class Ours:
                                    "run.tensorboard=false", f"run.output_dir={run_dir}"])
         validate(cfg)
         self.cfg = cfg
-        lora_sft.init_from_config(cfg)
+        builders.init_from_config(cfg)
         tokenizer = load_tokenizer(cfg.model.tokenizer)
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.samples = lora_sft.load_samples(cfg, split, tokenizer)
-        hf = lora_sft.hf_config_of(cfg)
-        model = lora_sft.build_lora_model(cfg, hf)
-        chunks, optimizer = lora_sft.wrap_for_training(cfg, model)
-        scheduler = lora_sft.build_scheduler(cfg, optimizer, step_plan(cfg, len(self.samples)).max_steps)
+        self.samples = builders.load_samples(cfg, split, tokenizer)
+        hf = builders.hf_config_of(cfg)
+        model = builders.build_lora_model(cfg, hf)
+        chunks, optimizer = builders.wrap_for_training(cfg, model)
+        scheduler = builders.build_scheduler(cfg, optimizer, step_plan(cfg, len(self.samples)).max_steps)
         self.trainer = SupervisedTrainer(
             cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, train_samples=self.samples,
-            val_samples=self.samples, pad_id=self.pad_id, seq_length=lora_sft.seq_length(cfg), hf_config=hf,
+            val_samples=self.samples, pad_id=self.pad_id, seq_length=builders.seq_length(cfg), hf_config=hf,
             run_dir=run_dir, checkpointer=None, log_metrics=False)
         for chunk in chunks:
             chunk.train()
