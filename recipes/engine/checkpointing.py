@@ -109,9 +109,9 @@ class Checkpointer:
         from megatron.core import dist_checkpointing
 
         from nemotune.converters.formats.adapters import save_adapter
-        from nemotune.recipes.engine import lora
 
-        step = trainer.state.step
+        progress = trainer.state_dict()
+        step = progress["step"]
         final = self.root / f"step{step:07d}"
         tmp = self.root / f".tmp-step{step:07d}"
         failure: Optional[BaseException] = None
@@ -130,11 +130,11 @@ class Checkpointer:
             failure = err
         self._agree(failure, tmp, final)
         try:
-            full_adapter = lora.gather_adapter(trainer.model)
+            full_adapter = trainer.consolidated_adapter()
             torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
             if distributed.is_rank_zero():
                 save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
-                payload = {**trainer.state_dict(), "base_model": self.base_reference,
+                payload = {**progress, "base_model": self.base_reference,
                            # sizes of the shard files: a resume names a truncated one before reading it
                            "dist_files": {f.name: f.stat().st_size for f in sorted((tmp / "dist").iterdir())
                                           if f.is_file()}}

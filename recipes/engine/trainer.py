@@ -271,6 +271,12 @@ class SupervisedTrainer:
         return {"model": sharded, "optimizer": self.optimizer.sharded_state_dict(
             sharded, is_loading=is_loading, metadata=sharding_metadata())}
 
+    def consolidated_adapter(self) -> dict:
+        """The whole adapter in the TP=1 layout (collective: every rank calls it)."""
+        from nemotune.recipes.engine import lora
+
+        return lora.gather_adapter(self.model)
+
     def load_sharded_state_dict(self, state: dict) -> None:
         for chunk in self.model:
             chunk.load_state_dict(state["model"], strict=False)
