@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import importlib
 import json
 import shlex
 import statistics
@@ -44,6 +45,7 @@ from pathlib import Path
 import numpy as np
 
 from nemotune.recipes.engine.flops import PEAK_BF16_TFLOPS, lora_step_flops
+from nemotune.recipes.engine.megatron_cpu import on_gpu
 
 TARGETS = {"bf16": 15_000, "fp8": 27_000}
 PEER = "NeMo AutoModel, Llama-3-8B LoRA, 1x H100 bf16 seq 4096: 12,473 tokens/s/GPU (40.6% MFU), published"
@@ -80,11 +82,9 @@ def synthetic_packs(num_packs: int, pack_size: int, vocab_size: int, seed: int =
 
 
 def fp8_support() -> tuple[bool, str]:
-    import importlib
-
     import torch
 
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False, "no CUDA device"
     try:
         importlib.import_module("transformer_engine.pytorch")
@@ -128,7 +128,7 @@ def run_precision(args, precision: str) -> dict:
     from nemotune.recipes.engine import distributed
     from nemotune.recipes.engine.config import LoraConfig
     from nemotune.recipes.engine.lora import apply_lora
-    from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
+    from nemotune.recipes.engine.builders import build_scheduler, wrap_for_training
     from nemotune.recipes.engine.model import build_gpt_model, te_available
     from nemotune.recipes.engine.trainer import SupervisedTrainer
 
@@ -139,7 +139,7 @@ def run_precision(args, precision: str) -> dict:
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
         use_te = te_available()
         overrides = fp8_overrides(args.fp8_recipe) if precision == "fp8" else {}
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.reset_peak_memory_stats()
         start = time.perf_counter()
         model = build_gpt_model(hf, params_dtype=dtype, calculate_per_token_loss=True, **overrides)
@@ -148,10 +148,10 @@ def run_precision(args, precision: str) -> dict:
         packs = synthetic_packs(args.micro_batches * (args.warmup + args.steps), args.seq, hf["vocab_size"],
                                 seed=args.seed)
         trainer = SupervisedTrainer(
-            cfg=cfg, model=chunks, optimizer=optimizer, scheduler=None, train_samples=packs, val_samples=packs,
+            cfg=cfg, model=chunks, optimizer=optimizer,
+            scheduler=build_scheduler(cfg, optimizer, args.warmup + args.steps), train_samples=packs, val_samples=packs,
             pad_id=0, seq_length=args.seq, hf_config=hf, run_dir=Path(tmp), checkpointer=None,
             log_metrics=False, use_packed_seq_params=use_te)
-        trainer.scheduler = build_scheduler(cfg, optimizer, args.warmup + args.steps)
         for chunk in chunks:
             chunk.train()
         build_s = time.perf_counter() - start
@@ -177,7 +177,7 @@ def run_precision(args, precision: str) -> dict:
             "mfu": None if rows[0]["train/mfu"] is None else statistics.median(r["train/mfu"] for r in rows),
             "step_time_s": statistics.median(r["train/step_time"] for r in rows),
             "peak_mem_gib": max(r["train/peak_mem_gib"] for r in rows),
-            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if torch.cuda.is_available() else None,
+            "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if on_gpu() else None,
             "trainable_parameters": summary.trainable_parameters,
             "total_parameters": summary.total_parameters,
             "documents_per_pack": len(docs) / len(packs),
@@ -187,7 +187,7 @@ def run_precision(args, precision: str) -> dict:
         }
         del trainer, chunks, optimizer, model
         gc.collect()
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.empty_cache()
     return result
 
@@ -255,7 +255,7 @@ def main(argv=None) -> int:
               f"recipes/engine/flops.py); 1x H100 at 100% MFU = {plan['h100_ceiling_tokens_per_s_at_100pct_mfu']:,.0f} "
               f"tokens/s, at 50% = {plan['tokens_per_s_at_50pct_mfu']:,.0f}")
     else:
-        if args.device == "cuda" and not torch.cuda.is_available():
+        if args.device == "cuda" and not on_gpu():
             print("gpu_lora: no CUDA device here; use --dry-run, or --device cpu --tiny for the CPU smoke run",
                   file=sys.stderr)
             return 2

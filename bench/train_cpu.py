@@ -75,10 +75,9 @@ class Ours:
     name = "nemotune (megatron-core)"
 
     def __init__(self, inputs: dict, parallel: str, split: str, run_dir: Path):
-        from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
-        from nemotune.recipes import lora_sft
+        from nemotune.recipes.engine import builders
         from nemotune.recipes.engine.config import compose, hf_config_of, validate
-        from nemotune.recipes.engine.trainer import SupervisedTrainer
+        from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
 
         cfg = compose("lora_sft", ["experiment=tiny_lora", f"parallel={parallel}", f"model.hf_path={inputs['hf']}",
                                    f"model.checkpoint={inputs['mcore']}", f"data.output_dir={inputs['prep']}",
@@ -87,18 +86,18 @@ class Ours:
                                    "run.tensorboard=false", f"run.output_dir={run_dir}"])
         validate(cfg)
         self.cfg = cfg
-        lora_sft.init_from_config(cfg)
-        tokenizer = load_tokenizer(*model_tokenizer(cfg.model))
-        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-        self.samples = lora_sft.load_samples(cfg, split, tokenizer)
+        builders.init_from_config(cfg)
         hf = hf_config_of(cfg)
-        model = lora_sft.build_lora_model(cfg, hf)
-        chunks, optimizer = lora_sft.wrap_for_training(cfg, model)
+        tokenizer = builders.model_tokenizer(cfg, hf)
+        self.pad_id = builders.pad_id_of(tokenizer)
+        self.samples = builders.load_samples(cfg, split, tokenizer)
+        model = builders.build_lora_model(cfg, hf)
+        chunks, optimizer = builders.wrap_for_training(cfg, model)
+        scheduler = builders.build_scheduler(cfg, optimizer, step_plan(cfg, len(self.samples)).max_steps)
         self.trainer = SupervisedTrainer(
-            cfg=cfg, model=chunks, optimizer=optimizer, scheduler=None, train_samples=self.samples,
-            val_samples=self.samples, pad_id=self.pad_id, seq_length=lora_sft.seq_length(cfg), hf_config=hf,
+            cfg=cfg, model=chunks, optimizer=optimizer, scheduler=scheduler, train_samples=self.samples,
+            val_samples=self.samples, pad_id=self.pad_id, seq_length=builders.seq_length(cfg), hf_config=hf,
             run_dir=run_dir, checkpointer=None, log_metrics=False)
-        self.trainer.scheduler = lora_sft.build_scheduler(cfg, optimizer, self.trainer.max_steps)
         for chunk in chunks:
             chunk.train()
         self.global_batch_size = cfg.trainer.global_batch_size

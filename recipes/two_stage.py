@@ -33,7 +33,7 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
 
 def run_stages(cfg: DictConfig) -> list:
     """Every stage in order, or only `run.stage` (a dependent Slurm job per stage)."""
-    from nemotune.recipes.engine.checkpointing import complete_checkpoints
+    from nemotune.recipes.engine.checkpointing import complete_checkpoints, read_state
     from nemotune.recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
@@ -44,7 +44,7 @@ def run_stages(cfg: DictConfig) -> list:
             done = complete_checkpoints(stage_dir / "checkpoints")
             if done:  # an earlier stage that ran in its own job: continue from its adapter on disk
                 previous_adapter = done[-1] / "adapter"
-                step_offset += json.loads((done[-1] / "trainer_state.json").read_text())["step"]
+                step_offset += read_state(done[-1])["step"]
             continue
         if previous_adapter is not None and not stage_cfg.peft.restore_from:
             stage_cfg.peft.restore_from = str(previous_adapter)

@@ -72,7 +72,7 @@ def test_logged_tflops_and_mfu_are_the_formula_over_the_measured_step(tiny_hf_co
     from nemotune.recipes.engine.config import compose
     from nemotune.recipes.engine.config import LoraConfig
     from nemotune.recipes.engine.lora import apply_lora
-    from nemotune.recipes.lora_sft import build_scheduler, wrap_for_training
+    from nemotune.recipes.engine.builders import build_scheduler, wrap_for_training
     from nemotune.recipes.engine.model import build_gpt_model
     from nemotune.recipes.engine.trainer import SupervisedTrainer, format_step_line
 
@@ -90,10 +90,10 @@ def test_logged_tflops_and_mfu_are_the_formula_over_the_measured_step(tiny_hf_co
         starts = list(np.cumsum([0] + doc_lengths[:-1]))
         samples.append(batches.Sample(input_ids=rng.integers(0, hf["vocab_size"], n),
                                       loss_mask=(rng.random(n) > 0.3).astype(np.float32), seq_start_id=starts))
-    trainer = SupervisedTrainer(cfg=cfg, model=chunks, optimizer=optimizer, scheduler=None, train_samples=samples,
+    trainer = SupervisedTrainer(cfg=cfg, model=chunks, optimizer=optimizer,
+                                scheduler=build_scheduler(cfg, optimizer, 2), train_samples=samples,
                                 val_samples=samples, pad_id=0, seq_length=128, hf_config=hf, run_dir=tmp_path,
                                 checkpointer=None, log_metrics=False)
-    trainer.scheduler = build_scheduler(cfg, optimizer, 2)
     trainer.peak_flops = 1e12  # a pretend device peak, so MFU is defined on the CPU
     indices = np.array([2, 0])
     m = trainer.train_step(indices)

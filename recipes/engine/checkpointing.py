@@ -6,40 +6,38 @@
   trainer_state.json     step, consumed_samples, epoch, val_loss, scheduler state, base-model reference
   rng/rank*.pt           each rank's RNG states
 The frozen base is referenced by path + sha256, never copied. A checkpoint is written under a `.tmp-`
-name and renamed when every rank has finished, so a crash mid-save never leaves one that looks complete.
+name (its writer's host and pid recorded in it, so the next run can clean it up) and renamed when every
+rank has finished, so a crash mid-save never leaves one that looks complete.
 Top-k checkpoints by val_loss are kept, plus the last.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import shutil
 from pathlib import Path
 from typing import Optional
 
 import torch
+from torch.distributed.checkpoint.api import CheckpointException
 
 from nemotune.recipes.engine import distributed
+from nemotune.recipes.engine.megatron_cpu import on_gpu
+from nemotune.recipes.engine.run_dir import OWNER_NAME, owner_record
 
 STATE_FILE = "trainer_state.json"
+RESUME_FROM = ("latest", "previous")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be written or read; the message names the path and the fix."""
+
+
 def sharding_metadata() -> dict:
     """The distributed optimizer's state in megatron's format that any TP / PP / DP can load."""
     # a fresh dict each time: megatron stores the current data-parallel group into it
     return {"distrib_optim_sharding_type": "fully_reshardable"}
-
-
-def sha256_of_path(path: str | Path) -> str:
-    """Content hash of a file, or of every file under a directory (names and bytes)."""
-    path = Path(path)
-    digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    for file in files:
-        digest.update(str(file.relative_to(path) if path.is_dir() else file.name).encode())
-        with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
-    return digest.hexdigest()
 
 
 def adapter_sharded_state_dict(model_chunks) -> dict:
@@ -58,60 +56,116 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return sorted((p for p in root.glob("step*") if (p / STATE_FILE).is_file()), key=lambda p: p.name)
 
 
+def read_state(ckpt: Path) -> dict:
+    """A checkpoint's trainer_state.json, or CheckpointError naming it."""
+    path = ckpt / STATE_FILE
+    try:
+        payload = json.loads(path.read_text())
+        if not isinstance(payload, dict) or not {"step", "consumed_samples", "scheduler"} <= payload.keys():
+            raise ValueError("not a trainer state (step, consumed_samples, scheduler)")
+        return payload
+    except (OSError, ValueError) as err:
+        reason = err.strerror if isinstance(err, OSError) else str(err).splitlines()[0]
+        raise CheckpointError(f"{path} is damaged ({reason}); set run.resume_from=previous to resume from the "
+                              f"checkpoint before it (this one is left in place), or run.output_dir=<new dir> "
+                              f"to start a new run") from None
+
+
+def _no_space(err: BaseException) -> bool:
+    """Whether an exception (or any it wraps, torch DCP's per-rank failures included) is ENOSPC."""
+    seen, todo = set(), [err]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(e):
+            return True
+        todo += [e.__cause__, e.__context__]
+        failures = getattr(e, "failures", None)
+        if isinstance(failures, dict):
+            todo += [f for f in failures.values() if isinstance(f, BaseException)]
+    return False
+
+
 class Checkpointer:
     def __init__(self, root: Path, *, adapter_config: dict, base_reference: dict, save_top_k: int,
-                 resume: bool):
+                 resume: bool, resume_from: str = "latest"):
+        if resume_from not in RESUME_FROM:
+            raise CheckpointError(f"run.resume_from={resume_from}: expected one of {', '.join(RESUME_FROM)}")
         self.root = Path(root)
         self.adapter_config = adapter_config
         self.base_reference = base_reference
         self.save_top_k = save_top_k
         self.resume = resume
+        self.resume_from = resume_from
 
     # ---- save ------------------------------------------------------------------------------------
     def save(self, trainer) -> Path:
+        """Every rank writes its shards under `.tmp-stepN` (its writer recorded in it); renamed to `stepN`
+        once all ranks are done. A failure on any rank removes the temporary and raises CheckpointError."""
         from megatron.core import dist_checkpointing
 
         from nemotune.converters.formats.adapters import save_adapter
-        from nemotune.recipes.engine import lora
 
-        step = trainer.state.step
+        progress = trainer.state_dict()
+        step = progress["step"]
         final = self.root / f"step{step:07d}"
         tmp = self.root / f".tmp-step{step:07d}"
+        failure: Optional[BaseException] = None
+        try:
+            if distributed.is_rank_zero():
+                shutil.rmtree(tmp, ignore_errors=True)
+                (tmp / "dist").mkdir(parents=True)
+                (tmp / "rng").mkdir()
+                (tmp / OWNER_NAME).write_text(json.dumps(owner_record()))
+        except OSError as err:
+            failure = err
+        self._agree(failure, tmp, final)
+        try:
+            dist_checkpointing.save(trainer.sharded_state_dict(), str(tmp / "dist"))
+        except _FAILURES as err:  # torch DCP gathers every rank's failure: all ranks see it
+            failure = err
+        self._agree(failure, tmp, final)
+        try:
+            full_adapter = trainer.consolidated_adapter()
+            torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
+            if distributed.is_rank_zero():
+                save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
+                payload = {**progress, "base_model": self.base_reference,
+                           # sizes of the shard files: a resume names a truncated one before reading it
+                           "dist_files": {f.name: f.stat().st_size for f in sorted((tmp / "dist").iterdir())
+                                          if f.is_file()}}
+                (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
+        except OSError as err:
+            failure = err
+        self._agree(failure, tmp, final)
         if distributed.is_rank_zero():
-            shutil.rmtree(tmp, ignore_errors=True)
-            (tmp / "dist").mkdir(parents=True)
-            (tmp / "rng").mkdir()
-        torch.distributed.barrier()
-        sharded = adapter_sharded_state_dict(trainer.model)
-        state = {"model": sharded,
-                 "optimizer": trainer.optimizer.sharded_state_dict(sharded, metadata=sharding_metadata())}
-        dist_checkpointing.save(state, str(tmp / "dist"))
-        full_adapter = lora.gather_adapter(trainer.model)
-        torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
-        if distributed.is_rank_zero():
-            save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
-            payload = {
-                "step": step,
-                "consumed_samples": trainer.state.consumed_samples,
-                "epoch": trainer.state.epoch,
-                "val_loss": trainer.state.last_val_loss,
-                "best_val_loss": None if trainer.state.best_val_loss == float("inf")
-                else trainer.state.best_val_loss,
-                "stage": trainer.stage,
-                "world_size": distributed.world_size(),
-                "scheduler": trainer.scheduler.state_dict(),
-                "base_model": self.base_reference,
-                "data_order": {"seed": trainer.cfg.run.seed, "global_batch_size": trainer.global_batch_size,
-                               "num_train_samples": len(trainer.train_samples)},
-            }
-            (tmp / STATE_FILE).write_text(json.dumps(payload, indent=2))
-        torch.distributed.barrier()
-        if distributed.is_rank_zero():
-            shutil.rmtree(final, ignore_errors=True)
+            shutil.rmtree(final, ignore_errors=True)  # a damaged one of ours at the same step (resume_from=previous)
             tmp.rename(final)
             self._keep_top_k()
         torch.distributed.barrier()
         return final
+
+    def _agree(self, failure: Optional[BaseException], tmp: Path, final: Path) -> None:
+        """All ranks learn whether any failed; then rank 0 removes the temporary and all raise one line."""
+        flag = torch.tensor([0 if failure is None else (2 if _no_space(failure) else 1)], dtype=torch.int32,
+                            device=distributed.device())
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        code = int(flag.item())
+        if code == 0:
+            return
+        if distributed.is_rank_zero():
+            shutil.rmtree(tmp, ignore_errors=True)
+        if code == 2:
+            raise CheckpointError(f"no space left on device while saving checkpoint {final} (in {self.root}); the "
+                                  f"partial {tmp.name} was removed; free space there or set run.output_dir to "
+                                  f"another filesystem, then rerun to resume from the last complete checkpoint")
+        reason = str(failure).splitlines()[0] if failure is not None else "failed on another rank"
+        raise CheckpointError(f"saving checkpoint {final} failed ({type(failure).__name__ if failure else 'error'}: "
+                              f"{reason}); the partial {tmp.name} was removed; check that {self.root} is writable")
 
     def _keep_top_k(self) -> None:
         checkpoints = complete_checkpoints(self.root)
@@ -120,12 +174,9 @@ class Checkpointer:
         last = checkpoints[-1]
         scored = []
         for ckpt in checkpoints[:-1]:
-            val = json.loads((ckpt / STATE_FILE).read_text()).get("val_loss")
-            scored.append((float("inf") if val is None else val, ckpt))
-        last_val = json.loads((last / STATE_FILE).read_text()).get("val_loss")
+            scored.append((_val_loss(ckpt), ckpt))
         keep = {last}
-        ranked = sorted(scored + [(float("inf") if last_val is None else last_val, last)],
-                        key=lambda item: item[0])
+        ranked = sorted(scored + [(_val_loss(last), last)], key=lambda item: item[0])
         keep.update(ckpt for _, ckpt in ranked[:self.save_top_k])
         for _, ckpt in scored:
             if ckpt not in keep:
@@ -133,9 +184,18 @@ class Checkpointer:
 
     # ---- load ------------------------------------------------------------------------------------
     def latest(self) -> Optional[Path]:
+        """The checkpoint to resume from: the newest complete one, or (run.resume_from=previous) the one
+        before it."""
         if not self.resume:
             return None
         checkpoints = complete_checkpoints(self.root)
+        if self.resume_from == "previous":
+            if len(checkpoints) < 2:
+                raise CheckpointError(f"run.resume_from=previous: {self.root} holds {len(checkpoints)} complete "
+                                      f"checkpoint(s), no previous one; set run.output_dir=<new dir> to start anew")
+            distributed.print_rank_zero(f"run.resume_from=previous: resuming from {checkpoints[-2].name}, not "
+                                        f"{checkpoints[-1].name} (left in place; replaced when that step is saved again)")
+            return checkpoints[-2]
         return checkpoints[-1] if checkpoints else None
 
     def load_latest(self, trainer) -> Optional[Path]:
@@ -148,37 +208,70 @@ class Checkpointer:
     def load(self, trainer, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        payload = json.loads((ckpt / STATE_FILE).read_text())
+        payload = read_state(ckpt)
         saved_base = payload.get("base_model", {})
         if saved_base.get("sha256") and self.base_reference.get("sha256") and \
                 saved_base["sha256"] != self.base_reference["sha256"]:
-            raise ValueError(f"{ckpt} was trained on base {saved_base.get('path')} (sha256 "
-                             f"{saved_base['sha256'][:12]}), not on {self.base_reference.get('path')}")
-        sharded = adapter_sharded_state_dict(trainer.model)
-        template = {"model": sharded, "optimizer": trainer.optimizer.sharded_state_dict(
-            sharded, is_loading=True, metadata=sharding_metadata())}
-        state = dist_checkpointing.load(template, str(ckpt / "dist"))
-        for chunk in trainer.model:
-            chunk.load_state_dict(state["model"], strict=False)
-        trainer.optimizer.load_state_dict(state["optimizer"])
-        trainer.scheduler.num_steps = 0  # megatron's load_state_dict steps forward by the saved count
-        trainer.scheduler.load_state_dict(payload["scheduler"])
+            raise CheckpointError(f"{ckpt} was trained on base {saved_base.get('path')} (sha256 "
+                                  f"{saved_base['sha256'][:12]}), not on model.checkpoint="
+                                  f"{self.base_reference.get('path')}; use that base, or run.output_dir=<new dir>")
+        self._check_shard_sizes(ckpt, payload.get("dist_files") or {})
+        trainer.load_state_dict(payload, source=str(ckpt))
+        try:
+            state = dist_checkpointing.load(trainer.sharded_state_dict(is_loading=True), str(ckpt / "dist"))
+        except _FAILURES as err:  # truncated or missing shard files
+            raise CheckpointError(f"{ckpt / 'dist'} is unreadable ({_damaged_file(ckpt / 'dist', err)}); set "
+                                  f"run.resume_from=previous to resume from the checkpoint before it (this one is "
+                                  f"left in place), or run.output_dir=<new dir> to start a new run") from None
+        trainer.load_sharded_state_dict(state)
         rng_file = ckpt / "rng" / f"rank{distributed.rank()}.pt"
         if rng_file.is_file() and payload.get("world_size") == distributed.world_size():
             _set_rng_states(torch.load(rng_file, weights_only=True))
-        trainer.state.step = payload["step"]
-        trainer.state.consumed_samples = payload["consumed_samples"]
-        trainer.state.epoch = payload["epoch"]
-        trainer.state.last_val_loss = payload.get("val_loss")
-        if payload.get("best_val_loss") is not None:
-            trainer.state.best_val_loss = payload["best_val_loss"]
+
+
+    @staticmethod
+    def _check_shard_sizes(ckpt: Path, recorded: dict) -> None:
+        for name, size in recorded.items():
+            path = ckpt / "dist" / name
+            found = path.stat().st_size if path.is_file() else None
+            if found != size:
+                state = "missing" if found is None else f"{found} bytes, {size} when saved (truncated or altered)"
+                raise CheckpointError(f"{path} is {state}; set run.resume_from=previous to resume from the "
+                                      f"checkpoint before it (this one is left in place), or run.output_dir=<new "
+                                      f"dir> to start a new run")
+
+
+# torch's CheckpointException derives from BaseException: catch it, never Ctrl-C or exit
+_FAILURES = (Exception, CheckpointException)
+
+
+def _val_loss(ckpt: Path) -> float:
+    try:
+        val = json.loads((ckpt / STATE_FILE).read_text()).get("val_loss")
+    except (OSError, ValueError, AttributeError):
+        return float("inf")
+    return float("inf") if val is None else val
+
+
+def _damaged_file(dist_dir: Path, err: BaseException) -> str:
+    """The shard file an exception names (torch's messages carry the path), else the exception's first line."""
+    text = str(err)
+    for shard in sorted(dist_dir.glob("*.distcp")):
+        if shard.name in text:
+            return f"{shard.name}: {_first_line(err)}"
+    return f"{type(err).__name__}: {_first_line(err)}"
+
+
+def _first_line(err: BaseException) -> str:
+    lines = [l.strip() for l in str(err).splitlines() if l.strip()]
+    return lines[-1][:200] if lines else type(err).__name__
 
 
 def _rng_states() -> dict:
     from megatron.core import tensor_parallel
 
     states = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
+    if on_gpu():
         states["cuda"] = torch.cuda.get_rng_state()
     tracker = tensor_parallel.get_cuda_rng_tracker().get_states()
     states.update({f"tracker/{name}": value for name, value in tracker.items()})
@@ -189,7 +282,7 @@ def _set_rng_states(states: dict) -> None:
     from megatron.core import tensor_parallel
 
     torch.set_rng_state(states["cpu"])
-    if "cuda" in states and torch.cuda.is_available():
+    if "cuda" in states and on_gpu():
         torch.cuda.set_rng_state(states["cuda"])
     tracker = {k.split("/", 1)[1]: v for k, v in states.items() if k.startswith("tracker/")}
     if tracker:

@@ -32,6 +32,8 @@ class RunConfig:
     output_dir: str = "work/runs/${run.name}"
     seed: int = 1234
     resume_if_exists: bool = True
+    # which complete checkpoint a resume starts from: latest, or previous (when the latest is damaged)
+    resume_from: str = "latest"
     tensorboard: bool = True
     # multi-stage runs: run only this stage (Slurm runs each stage as a dependent job); null = all stages
     stage: Optional[str] = None

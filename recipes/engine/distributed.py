@@ -18,11 +18,11 @@ def _free_port() -> int:
 
 
 def backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if megatron_cpu.on_gpu() else "gloo"
 
 
 def device() -> torch.device:
-    if torch.cuda.is_available():
+    if megatron_cpu.on_gpu():
         return torch.device("cuda", torch.cuda.current_device())
     return torch.device("cpu")
 
@@ -42,7 +42,7 @@ def init_distributed(
 
     megatron_cpu.enable_cpu_megatron()
     if not torch.distributed.is_initialized():
-        if torch.cuda.is_available():
+        if megatron_cpu.on_gpu():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" in os.environ:  # torchrun / Slurm

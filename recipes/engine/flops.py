@@ -48,7 +48,9 @@ def lora_step_flops(hf: Mapping, document_lengths: Iterable[int]) -> int:
 
 def device_peak_flops() -> float | None:
     """Peak dense bf16 FLOP/s of this process's device, None on CPU or an unknown GPU."""
-    if not torch.cuda.is_available():
+    from nemotune.recipes.engine.megatron_cpu import on_gpu
+
+    if not on_gpu():
         return None
     name = torch.cuda.get_device_name()
     for key, tflops in sorted(PEAK_BF16_TFLOPS.items(), key=lambda kv: -len(kv[0])):

@@ -180,9 +180,9 @@ def _torch_dtype(dtype: str | None, device: str):
 
 
 def _default_device(device: str | None) -> str:
-    import torch
+    from nemotune.recipes.engine.megatron_cpu import accelerator
 
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+    return device or accelerator()
 
 
 class HFSystems:

@@ -438,13 +438,15 @@ def parameter_counts(model) -> tuple[int, int]:
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared
 
+    from nemotune.recipes.engine.megatron_cpu import accelerator
+
     trainable = total = 0
     for param in (p for chunk in _chunks(model) for p in chunk.parameters()):
         if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):
             total += param.numel()
             trainable += param.numel() if param.requires_grad else 0
     counts = torch.tensor([trainable, total], dtype=torch.int64,
-                          device="cuda" if torch.cuda.is_available() else "cpu")
+                          device=accelerator())
     if torch.distributed.is_initialized():
         torch.distributed.all_reduce(counts, group=parallel_state.get_model_parallel_group())
     return int(counts[0]), int(counts[1])

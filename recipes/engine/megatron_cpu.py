@@ -57,9 +57,21 @@ _REDIRECTS = (
 )
 
 
+def on_gpu() -> bool:
+    """The one device decision of the project: CUDA when a device is present, else the CPU. Every
+    `is it a GPU?` question in recipes/, converters/ and bench/ goes through here (converters/formats,
+    below the engine, takes a device argument instead)."""
+    return torch.cuda.is_available()
+
+
+def accelerator() -> str:
+    """"cuda" or "cpu": the device type for tensors and `.to()`."""
+    return "cuda" if on_gpu() else "cpu"
+
+
 def cpu_mode() -> bool:
     """True when megatron runs on the CPU in this process (no CUDA device)."""
-    return not torch.cuda.is_available()
+    return not on_gpu()
 
 
 def is_enabled() -> bool:

@@ -15,11 +15,12 @@ from typing import Any, Mapping
 import torch
 
 from nemotune.converters.formats.hf_config import load_hf_config
+from nemotune.recipes.engine.megatron_cpu import on_gpu
 
 
 def te_available() -> bool:
     """Transformer Engine's spec is used only where it imports and a CUDA device exists."""
-    if not torch.cuda.is_available():
+    if not on_gpu():
         return False
     try:
         importlib.import_module("transformer_engine")
@@ -29,7 +30,7 @@ def te_available() -> bool:
 
 
 def default_params_dtype() -> torch.dtype:
-    return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return torch.bfloat16 if on_gpu() else torch.float32
 
 
 def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dtype | None = None,
@@ -40,7 +41,7 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or default_params_dtype()
-    on_gpu = torch.cuda.is_available()
+    gpu = on_gpu()
     kwargs = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -66,10 +67,10 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
         context_parallel_size=context_parallel_size,
         sequence_parallel=sequence_parallel,
         # identical full weights whatever the TP size, so runs at different TP compare exactly
-        use_cpu_initialization=not on_gpu,
+        use_cpu_initialization=not gpu,
         bias_activation_fusion=False,
         bias_dropout_fusion=False,
-        masked_softmax_fusion=on_gpu,
+        masked_softmax_fusion=gpu,
         apply_rope_fusion=False,
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
@@ -223,7 +224,7 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
             rotary.inv_freq = llama3_inv_freq(hf).to(rotary.inv_freq.device)
         if device is not None:
             model = model.to(device)
-        elif torch.cuda.is_available():
+        elif on_gpu():
             model = model.cuda()
     if not (init_weights and not meta):
         _mark_tensor_parallel_weights(model)

@@ -509,7 +509,9 @@ def device_memory_bytes() -> Optional[int]:
     try:
         import torch
 
-        if not torch.cuda.is_available():
+        from nemotune.recipes.engine.megatron_cpu import on_gpu
+
+        if not on_gpu():
             return None
         return torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
     except Exception:  # noqa: BLE001 - no usable device, no figure

@@ -23,6 +23,7 @@ import torch
 
 from nemotune.recipes.engine import batches, distributed, flops
 from nemotune.recipes.engine.checkpointing import Checkpointer
+from nemotune.recipes.engine.megatron_cpu import on_gpu
 
 
 @dataclass
@@ -33,6 +34,99 @@ class TrainerState:
     best_val_loss: float = math.inf
     last_val_loss: Optional[float] = None
     history: List[dict] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class StepPlan:
+    """How many steps, and every how many steps to validate and save: a function of the config and the
+    number of training samples only."""
+    steps_per_epoch: int
+    max_steps: int
+    val_interval: int
+    save_interval: int
+
+
+def plan_steps(num_train_samples: int, global_batch_size: int, max_epochs: int, max_steps: int,
+               val_check_interval: float, save_interval: int) -> StepPlan:
+    """`trainer.sft` (NeMo-Aligner's meaning) -> StepPlan. max_steps <= 0 means "the epochs decide";
+    val_check_interval > 1 counts steps, <= 1 is a fraction of an epoch; save_interval <= 0 follows it."""
+    steps_per_epoch = num_train_samples // global_batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"{num_train_samples} training samples cannot fill one global batch of "
+                         f"{global_batch_size}; lower trainer.global_batch_size")
+    epoch_steps = max_epochs * steps_per_epoch if max_epochs > 0 else math.inf
+    horizon = int(min(max_steps if max_steps > 0 else math.inf, epoch_steps))
+    vci = val_check_interval
+    val_interval = max(1, int(vci) if vci > 1 else int(round(vci * steps_per_epoch)))
+    return StepPlan(steps_per_epoch, horizon, val_interval, save_interval if save_interval > 0 else val_interval)
+
+
+def step_plan(cfg, num_train_samples: int) -> StepPlan:
+    sft = cfg.trainer.sft
+    return plan_steps(num_train_samples, cfg.trainer.global_batch_size, sft.max_epochs, sft.max_steps,
+                      sft.val_check_interval, sft.save_interval)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """What to do after a step: validate, save, stop (and why it stops)."""
+    validate: bool
+    save: bool
+    stop: bool
+    reason: str = ""  # "max_steps" | "preempted" | "stop_after_steps" | ""
+
+
+def check_progress(*, step: int, max_steps: int, val_interval: int, save_interval: int,
+                   steps_this_process: int = 0, stop_after_steps: int = -1, preempted: bool = False) -> Progress:
+    """The decision after `step` (1-based, just trained), as NeMo-Aligner's `check_progress`: validate at
+    every `val_interval` and at the last step; save at every `save_interval`, at the last step and before
+    an interruption (preemption, `stop_after_steps`); stop at `max_steps` or on an interruption."""
+    last = step >= max_steps
+    interrupted = preempted or 0 < stop_after_steps <= steps_this_process
+    reason = "max_steps" if last else "preempted" if preempted else "stop_after_steps" if interrupted else ""
+    return Progress(validate=step % val_interval == 0 or last,
+                    save=step % save_interval == 0 or last or interrupted,
+                    stop=last or interrupted, reason=reason)
+
+
+# the config keys that shape the LR schedule: on resume a change is followed (the schedule is rebuilt from the
+# config, megatron's override_opt_param_scheduler) and stated in one line
+SCHEDULE_KEYS = ("trainer.sft.max_steps", "trainer.sft.max_epochs", "trainer.optim.lr", "trainer.optim.min_lr",
+                 "trainer.optim.warmup_steps", "trainer.optim.scheduler")
+# the ones that fix which samples each step sees: a change would skip or repeat data, so resume refuses it
+DATA_ORDER_KEYS = ("run.seed", "trainer.global_batch_size", "trainer.train_split", "data.packing",
+                   "train data (sha256 of the prepared split)", "train samples")
+
+
+class ResumeRefused(ValueError):
+    """A checkpoint this config cannot continue without skipping or repeating data."""
+
+
+def resume_changes(saved: dict, current: dict, *, ckpt: str, stage: str, max_steps: int, step: int) -> list[str]:
+    """The schedule changes since `saved` (one line to print, or none); raises ResumeRefused for a change of
+    the data order. `saved` / `current` map the keys of SCHEDULE_KEYS and DATA_ORDER_KEYS to values (a
+    key absent from `saved`, e.g. a checkpoint of an older version, is not compared)."""
+    for key in DATA_ORDER_KEYS:
+        if key in saved and saved[key] is not None and current.get(key) != saved[key]:
+            raise ResumeRefused(
+                f"{ckpt}: this run was trained with {key}={_short(saved[key])} and the config now says "
+                f"{_short(current.get(key))}, which changes the data order (samples would be skipped or repeated); "
+                f"resume with {key}={_short(saved[key])}, or start a new run with another run.output_dir")
+    changed = [f"{key} {_short(saved[key])} -> {_short(current.get(key))}" for key in SCHEDULE_KEYS
+               if key in saved and current.get(key) != saved[key]]
+    if not changed:
+        return []
+    prefix = f"resume ({stage}): " if stage != "sft" else "resume: "
+    if step >= max_steps:
+        return [prefix + ", ".join(changed) + f": the run is already at step {step} of {max_steps}; nothing to train"]
+    return [prefix + ", ".join(changed) + f": the {current.get('trainer.optim.scheduler')} schedule now ends at "
+            f"step {max_steps} (lr {current.get('trainer.optim.lr'):g}, warmup "
+            f"{current.get('trainer.optim.warmup_steps')}, min_lr {current.get('trainer.optim.min_lr'):g}), "
+            f"continuing from step {step}"]
+
+
+def _short(value):
+    return value[:12] if isinstance(value, str) and len(value) == 64 else value
 
 
 class MetricsLogger:
@@ -79,7 +173,7 @@ def format_step_line(step: int, max_steps: int, m: dict) -> str:
 
 
 def _peak_memory_gib() -> float:
-    if torch.cuda.is_available():
+    if on_gpu():
         return torch.cuda.max_memory_allocated() / 2**30
     import resource
 
@@ -90,7 +184,8 @@ class SupervisedTrainer:
     def __init__(self, *, cfg, model: list, optimizer, scheduler, train_samples: Sequence[batches.Sample],
                  val_samples: Sequence[batches.Sample], pad_id: int, seq_length: int, hf_config: dict,
                  run_dir: Path, checkpointer: Checkpointer, stage: str = "sft", step_offset: int = 0,
-                 preemption=None, use_packed_seq_params: bool = False, log_metrics: bool = True):
+                 preemption=None, use_packed_seq_params: bool = False, log_metrics: bool = True,
+                 data_fingerprint: Optional[str] = None):
         from megatron.core import parallel_state
 
         self.cfg, self.model, self.optimizer, self.scheduler = cfg, model, optimizer, scheduler
@@ -98,27 +193,96 @@ class SupervisedTrainer:
         self.pad_id, self.seq_length, self.hf_config = pad_id, seq_length, hf_config
         self.run_dir, self.checkpointer, self.stage = Path(run_dir), checkpointer, stage
         self.preemption = preemption
+        self.data_fingerprint = data_fingerprint
         self.use_packed_seq_params = use_packed_seq_params
         self.state = TrainerState()
-        tr, sft = cfg.trainer, cfg.trainer.sft
+        tr = cfg.trainer
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.dp_size = parallel_state.get_data_parallel_world_size()
         self.micro_batch_size, self.global_batch_size = tr.micro_batch_size, tr.global_batch_size
         self.num_microbatches = self.global_batch_size // (self.micro_batch_size * self.dp_size)
-        self.steps_per_epoch = len(train_samples) // self.global_batch_size
-        if self.steps_per_epoch == 0:
-            raise ValueError(f"{len(train_samples)} training samples cannot fill one global batch of "
-                             f"{self.global_batch_size}; lower trainer.global_batch_size")
-        epoch_steps = sft.max_epochs * self.steps_per_epoch if sft.max_epochs > 0 else math.inf
-        self.max_steps = int(min(sft.max_steps if sft.max_steps > 0 else math.inf, epoch_steps))
-        vci = sft.val_check_interval
-        self.val_interval = max(1, int(vci) if vci > 1 else int(round(vci * self.steps_per_epoch)))
-        self.save_interval = sft.save_interval if sft.save_interval > 0 else self.val_interval
+        self.plan = step_plan(cfg, len(train_samples))
+        self.steps_per_epoch, self.max_steps = self.plan.steps_per_epoch, self.plan.max_steps
+        self.val_interval, self.save_interval = self.plan.val_interval, self.plan.save_interval
+        self.resume_notes: List[str] = []
+        self._restored, self.resumed_from = False, None
         self.pipeline = parallel_state.get_pipeline_model_parallel_world_size() > 1
         self.seq_multiple = parallel_state.get_tensor_model_parallel_world_size() \
             if cfg.parallel.sequence_parallel else 1
         self.logger = MetricsLogger(self.run_dir, stage, step_offset, cfg.run.tensorboard) if log_metrics else None
         self.peak_flops = flops.device_peak_flops()
+
+    # ---- state: what a checkpoint holds of the trainer ---------------------------------------------
+    def schedule_and_data_order(self) -> dict:
+        """The config values a resume compares (trainer.SCHEDULE_KEYS and DATA_ORDER_KEYS)."""
+        cfg = self.cfg
+        return {"trainer.sft.max_steps": cfg.trainer.sft.max_steps, "trainer.sft.max_epochs": cfg.trainer.sft.max_epochs,
+                "trainer.optim.lr": cfg.trainer.optim.lr, "trainer.optim.min_lr": cfg.trainer.optim.min_lr,
+                "trainer.optim.warmup_steps": cfg.trainer.optim.warmup_steps,
+                "trainer.optim.scheduler": cfg.trainer.optim.scheduler, "run.seed": cfg.run.seed,
+                "trainer.global_batch_size": self.global_batch_size, "trainer.train_split": cfg.trainer.train_split,
+                "data.packing": bool(cfg.data.packing), "train samples": len(self.train_samples),
+                "train data (sha256 of the prepared split)": self.data_fingerprint}
+
+    def state_dict(self) -> dict:
+        """Progress, schedule and the config values that resume checks (JSON-serialisable)."""
+        state = self.state
+        return {
+            "step": state.step,
+            "consumed_samples": state.consumed_samples,
+            "epoch": state.epoch,
+            "val_loss": state.last_val_loss,
+            "best_val_loss": None if state.best_val_loss == math.inf else state.best_val_loss,
+            "stage": self.stage,
+            "world_size": distributed.world_size(),
+            "max_steps": self.max_steps,
+            "scheduler": self.scheduler.state_dict(),
+            "config": self.schedule_and_data_order(),
+            "data_order": {"seed": self.cfg.run.seed, "global_batch_size": self.global_batch_size,
+                           "num_train_samples": len(self.train_samples)},
+        }
+
+    def load_state_dict(self, payload: dict, *, source: str = "checkpoint") -> None:
+        """Restore progress from `state_dict()`'s output. The LR schedule follows this trainer's config (only
+        its step count comes from the checkpoint); a changed schedule is noted in `resume_notes`, a changed
+        data order raises ResumeRefused."""
+        saved = dict(payload.get("config") or {})
+        order = payload.get("data_order") or {}
+        saved.setdefault("run.seed", order.get("seed"))
+        saved.setdefault("trainer.global_batch_size", order.get("global_batch_size"))
+        saved.setdefault("train samples", order.get("num_train_samples"))
+        self.resume_notes = resume_changes(saved, self.schedule_and_data_order(), ckpt=source, stage=self.stage,
+                                           max_steps=self.max_steps, step=payload["step"])
+        self.scheduler.num_steps = 0  # megatron's load_state_dict steps forward by the saved count
+        self.scheduler.load_state_dict(payload["scheduler"])
+        state = self.state
+        state.step = payload["step"]
+        state.consumed_samples = payload["consumed_samples"]
+        state.epoch = payload["epoch"]
+        state.last_val_loss = payload.get("val_loss")
+        if payload.get("best_val_loss") is not None:
+            state.best_val_loss = payload["best_val_loss"]
+
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """Adapters and optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
+        from nemotune.recipes.engine.checkpointing import adapter_sharded_state_dict, sharding_metadata
+
+        sharded = adapter_sharded_state_dict(self.model)
+        return {"model": sharded, "optimizer": self.optimizer.sharded_state_dict(
+            sharded, is_loading=is_loading, metadata=sharding_metadata())}
+
+    def consolidated_adapter(self) -> dict:
+        """The whole adapter in the TP=1 layout (collective: every rank calls it)."""
+        from nemotune.recipes.engine import lora
+
+        return lora.gather_adapter(self.model)
+
+    def load_sharded_state_dict(self, state: dict) -> None:
+        for chunk in self.model:
+            chunk.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        # the optimizer's saved param groups carry the lr of the saved schedule: apply this config's schedule
+        self.scheduler.step(increment=0)
 
     # ---- batches ---------------------------------------------------------------------------------
     def _micro_batches(self, samples: Sequence[batches.Sample], indices: np.ndarray) -> List[dict]:
@@ -178,7 +342,7 @@ class SupervisedTrainer:
         update_ok, grad_norm, _ = self.optimizer.step()
         if update_ok:
             self.scheduler.step(increment=1)
-        if torch.cuda.is_available():
+        if on_gpu():
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         doc_lengths = [l for mb in micro_batches for row in mb["document_lengths"] for l in row]
@@ -223,11 +387,22 @@ class SupervisedTrainer:
         return total_loss / max(total_tokens, 1)
 
     # ---- the loop --------------------------------------------------------------------------------
-    def fit(self) -> TrainerState:
-        resumed = self.checkpointer.load_latest(self)
-        if resumed:
-            distributed.print_rank_zero(f"[{self.stage}] resumed from {resumed} at step {self.state.step}, "
+    def restore(self) -> Optional[Path]:
+        """Resume from the run dir's checkpoint (once): refuses before anything is written, states a
+        followed schedule change in one line."""
+        if self._restored:
+            return self.resumed_from
+        self._restored = True
+        self.resumed_from = self.checkpointer.load_latest(self)
+        if self.resumed_from:
+            for note in self.resume_notes:
+                distributed.print_rank_zero(note)
+            distributed.print_rank_zero(f"[{self.stage}] resumed from {self.resumed_from} at step {self.state.step}, "
                                         f"consumed_samples {self.state.consumed_samples}")
+        return self.resumed_from
+
+    def fit(self) -> TrainerState:
+        self.restore()
         for chunk in self.model:
             chunk.train()
         stop_after = self.cfg.trainer.stop_after_steps
@@ -246,23 +421,25 @@ class SupervisedTrainer:
             self.logger.log(self.state.step, metrics)
             if self.state.step % self.cfg.trainer.log_every_n_steps == 0:
                 distributed.print_rank_zero(format_step_line(self.state.step, self.max_steps, metrics))
-            last = self.state.step == self.max_steps
-            if self.state.step % self.val_interval == 0 or last:
+            preempted = self.preemption is not None and self.preemption.should_stop()  # collective
+            progress = check_progress(step=self.state.step, max_steps=self.max_steps,
+                                      val_interval=self.val_interval, save_interval=self.save_interval,
+                                      steps_this_process=steps_this_process, stop_after_steps=stop_after,
+                                      preempted=preempted)
+            if progress.validate:
                 self.state.last_val_loss = self.validate()
                 self.state.best_val_loss = min(self.state.best_val_loss, self.state.last_val_loss)
                 self.logger.log(self.state.step, {"val/loss": self.state.last_val_loss})
                 distributed.print_rank_zero(f"[{self.stage}] step {self.state.step} val_loss "
                                             f"{self.state.last_val_loss:.6f}")
-            preempted = self.preemption is not None and self.preemption.should_stop()
-            stopping = preempted or (0 < stop_after <= steps_this_process)
-            if self.state.step % self.save_interval == 0 or last or stopping:
+            if progress.save:
                 self.checkpointer.save(self)
-            if stopping and not last:
-                distributed.print_rank_zero(f"[{self.stage}] stopping at step {self.state.step} "
-                                            f"({'preempted' if preempted else 'stop_after_steps'}); "
-                                            "a resumable checkpoint is saved")
-                if preempted:
-                    self.preemption.requeue()
+            if progress.stop:
+                if progress.reason != "max_steps":
+                    distributed.print_rank_zero(f"[{self.stage}] stopping at step {self.state.step} "
+                                                f"({progress.reason}); a resumable checkpoint is saved")
+                    if preempted:
+                        self.preemption.requeue()
                 break
         if self.logger is not None:
             self.logger.close()

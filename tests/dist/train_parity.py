@@ -53,7 +53,7 @@ def config(name: str, extra=()):
 def packed_vs_unpacked(layout: str) -> dict:
     """Loss of one pack vs the same documents as separate padded rows, through the training schedule."""
     from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
-    from nemotune.recipes.lora_sft import build_lora_model, init_from_config, load_samples, seq_length
+    from nemotune.recipes.engine.builders import build_lora_model, init_from_config, load_samples, seq_length
     from nemotune.recipes.engine.trainer import SupervisedTrainer
 
     cfg = config(layout)
@@ -82,7 +82,7 @@ def packed_vs_unpacked(layout: str) -> dict:
 
 def two_stage() -> dict:
     from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
-    from nemotune.recipes.lora_sft import build_lora_model, init_from_config, load_samples, seq_length
+    from nemotune.recipes.engine.builders import build_lora_model, init_from_config, load_samples, seq_length
     from nemotune.recipes.engine.trainer import SupervisedTrainer
     from nemotune.recipes.two_stage import run_stages, stage_configs
 
