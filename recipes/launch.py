@@ -70,24 +70,30 @@ def check(cfg, *, full: bool) -> List[str]:
     return problems
 
 
+def _refuse(problems: List[str]) -> int:
+    """Exit 2, one line per problem (one problem: one line), saying that nothing ran."""
+    if len(problems) == 1:
+        print(f"nemotune launch: nothing was started or submitted: {problems[0]}", file=sys.stderr)
+    else:
+        print(f"nemotune launch: invalid configuration ({len(problems)} problems); nothing was started or "
+              "submitted:", file=sys.stderr)
+        for p in problems:
+            print(f"  - {p}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = compose(args.config_name, args.overrides, args.config_dir)
-    except Exception as err:  # Hydra's composition errors: unknown key/group, bad type
-        msg = str(err)
-        if err.__cause__ is not None and str(err.__cause__) not in msg:
-            msg += f"\n{err.__cause__}"
-        print(f"nemotune launch: cannot compose the config: {msg}\nNothing was started or submitted.",
-              file=sys.stderr)
-        return 2
+    except Exception as err:  # ConfigError (unknown key/experiment), Hydra's composition errors
+        from nemotune.recipes.engine.config import ConfigError, compose_error
+
+        problems = err.problems if isinstance(err, ConfigError) else [compose_error(err)]
+        return _refuse(problems)
     problems = check(cfg, full=args.config_dir is None)
     if problems:
-        print(f"nemotune launch: invalid configuration ({len(problems)} problem"
-              f"{'s' if len(problems) != 1 else ''}); nothing was started or submitted:", file=sys.stderr)
-        for p in problems:
-            print(f"  - {p}", file=sys.stderr)
-        return 2
+        return _refuse(problems)
 
     from nemotune.launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
     from nemotune.launchers.torchrun import entry_argv, run_local

@@ -300,10 +300,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     print_cfg, overrides = parsed
     try:
-        try:
-            cfg = compose("lora_sft", overrides)
-        except Exception as err:  # Hydra/OmegaConf name the offending key in their message
-            raise ConfigError([f"{type(err).__name__}: {err}"]) from err
+        cfg = compose("lora_sft", overrides)
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0

@@ -143,8 +143,11 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: List[str]):
         self.problems = list(problems)
-        super().__init__("invalid configuration ({} problem{}):\n".format(
-            len(problems), "" if len(problems) == 1 else "s") + "\n".join(f"  - {p}" for p in problems))
+        if len(self.problems) == 1:  # one problem: one line
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+        else:
+            super().__init__(f"invalid configuration ({len(self.problems)} problems):\n"
+                             + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _register_schemas() -> None:
@@ -153,12 +156,54 @@ def _register_schemas() -> None:
         store.store(name=name, node=node)
 
 
+GROUPS = ("model", "data", "peft", "parallel", "trainer", "cluster", "experiment")
+
+
+def conf_dir() -> Path:
+    import nemotune.conf
+
+    return Path(nemotune.conf.__file__).resolve().parent
+
+
+def check_overrides(overrides: List[str], *, schema: Any = LoraSftConfig, groups=GROUPS,
+                    verb: str = "nemotune train") -> List[str]:
+    """Unknown experiments / group options and keys that are not in the typed schema (`+trainer.lrr=5`)."""
+    from nemotune.data_prep.overrides import check_overrides as check, group_options, schema_tree
+
+    root = conf_dir()
+    return check(overrides, tree=schema_tree(schema), groups={g: group_options(root, g) for g in groups},
+                 verb=verb)
+
+
+def compose_error(err: Exception) -> str:
+    """Hydra's / OmegaConf's composition error (several lines, a cause) as one line."""
+    lines: List[str] = []
+    for source in (err, err.__cause__):
+        for line in str(source or "").splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type", "reference_type", "See https")) \
+                    and line not in lines:
+                lines.append(line)
+    return "; ".join(lines) or type(err).__name__
+
+
 def compose(config_name: str = "lora_sft", overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`)."""
+    """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`).
+
+    Refuses (ConfigError, one line per problem) an unknown experiment or group option and any key the
+    typed schema lacks, `+key=value` additions included, before Hydra runs."""
+    overrides = list(overrides or [])
+    if config_name == "lora_sft":
+        problems = check_overrides(overrides)
+        if problems:
+            raise ConfigError(problems)
     _register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # Hydra/OmegaConf: a bad value type, a malformed override
+        raise ConfigError([compose_error(err)]) from err
     return cfg
 
 
@@ -174,10 +219,7 @@ def hydra_cli(argv: Optional[List[str]], help_text: str) -> Optional[tuple]:
 
 
 def experiment_names() -> List[str]:
-    import nemotune.conf
-
-    root = Path(nemotune.conf.__file__).resolve().parent / "experiment"
-    return sorted(p.stem for p in root.glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
 def world_size(cfg: DictConfig) -> int:
