@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from nemotune.launchers.config import validate_cluster
+from nemotune.launchers.config import cluster_config, host_path, validate_cluster
 
 USAGE = """\
 nemotune launch [--dry-run] [--config-name NAME] [hydra overrides ...]
@@ -51,23 +51,34 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Optional[str
 
 
 def check(cfg, *, full: bool) -> List[str]:
-    """All problems: the recipe's validate (which includes validate_cluster) for the real conf/ tree;
-    validate_cluster alone for a bare test config."""
+    """All problems: the recipe's validate (which includes validate_cluster; paths seen through a container
+    job's mounts) for the real conf/ tree; validate_cluster alone for a bare test config."""
+    from nemotune.recipes.engine.config import ConfigError, validate
+
     problems: List[str] = []
     if full:
         try:
-            from nemotune.recipes.engine.config import ConfigError, validate
-        except ImportError:
-            validate = None
-        if validate is not None:
-            try:
-                validate(cfg)
-            except ConfigError as err:
-                problems.extend(err.problems)
+            cluster = cluster_config(cfg.cluster)
+            mapping = (lambda path: host_path(cluster, path))
+        except Exception:  # a malformed cluster node: validate_cluster names it
+            mapping = None
+        try:
+            validate(cfg, host_path=mapping)
+        except ConfigError as err:
+            problems.extend(err.problems)
     for p in validate_cluster(cfg):
         if p not in problems:
             problems.append(p)
     return problems
+
+
+def needs(cfg, overrides: Sequence[str]) -> List[str]:
+    """What the job will read, checked here before it queues: the prepared data (through the container
+    mounts for a container job), naming the prep command that writes it."""
+    from nemotune.recipes.engine.config import prepared_data_problems
+
+    cluster = cluster_config(cfg.cluster)
+    return prepared_data_problems(cfg, overrides, host_path=lambda path: host_path(cluster, path))
 
 
 def _refuse(problems: List[str]) -> int:
@@ -92,18 +103,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         problems = err.problems if isinstance(err, ConfigError) else [compose_error(err)]
         return _refuse(problems)
     problems = check(cfg, full=args.config_dir is None)
+    if not problems and args.config_dir is None:
+        problems = needs(cfg, args.overrides)
     if problems:
         return _refuse(problems)
 
-    from nemotune.launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
+    from nemotune.launchers.slurm import SubmitError, render_jobs, submit_jobs
     from nemotune.launchers.torchrun import entry_argv, run_local
 
-    cluster = _plain(cfg.cluster)
+    cluster = cluster_config(cfg.cluster)
     overrides = list(args.overrides)
-    if cluster["kind"] == "local":
+    if cluster.kind == "local":
         staged = bool(cfg.get("stages"))
-        return run_local(cluster, entry_argv(cluster.get("module"), overrides, staged=staged),
-                         dry_run=args.dry_run)
+        return run_local(cluster, entry_argv(cluster.module, overrides, staged=staged), dry_run=args.dry_run)
     jobs = render_jobs(cfg, overrides)
     try:
         submit_jobs(cluster, jobs, dry_run=args.dry_run)

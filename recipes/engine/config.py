@@ -10,9 +10,10 @@ group or model exists.
 from __future__ import annotations
 
 import os
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
@@ -242,8 +243,10 @@ def _hf_config(cfg: DictConfig, problems: List[str]) -> Optional[dict]:
         return None
 
 
-def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable."""
+def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> None:
+    """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable.
+
+    `host_path` maps a path of the job to where this machine sees it (launch: a container job's mounts)."""
     problems: List[str] = []
     par, tr, sft = cfg.parallel, cfg.trainer, cfg.trainer.sft
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
@@ -277,7 +280,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     world = world_size(cfg)
     model_parallel = max(tp, 1) * max(pp, 1) * max(cp, 1)
     # a world that is not a whole number of model replicas is reported by validate_cluster below
-    if world % model_parallel == 0:
+    if world >= 1 and world % model_parallel == 0:  # world < 1 (cluster.nodes=0) is validate_cluster's
         dp = world // model_parallel
         if tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * dp):
             problems.append(f"trainer.global_batch_size={tr.global_batch_size}: must be divisible by "
@@ -317,19 +320,98 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     except ValueError as err:
         problems.append(f"peft.lora.target_modules: {err}")
     if check_files:
+        from nemotune.data_prep.tokenizer import looks_like_path, tokenizer_problem
+
+        seen = host_path or (lambda path: path)
         for key in ("model.hf_path", "model.checkpoint", "peft.restore_from"):
             value = OmegaConf.select(cfg, key)
-            if value and not Path(value).exists():
-                problems.append(f"{key}={value}: no such file or directory; fix the path "
+            if value and not Path(seen(value)).exists():
+                where = "" if seen(value) == value else f" (seen here as {seen(value)})"
+                problems.append(f"{key}={value}: no such file or directory{where}; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
-    try:
-        from nemotune.launchers.config import validate_cluster
+        tokenizer = str(cfg.model.tokenizer)
+        problem = tokenizer_problem(seen(tokenizer) if looks_like_path(tokenizer) else tokenizer)
+        if problem:
+            problems.append(problem.replace(f"={seen(tokenizer)}:", f"={tokenizer}:", 1))
+    from nemotune.launchers.config import validate_cluster
 
-        problems.extend(validate_cluster(cfg))
-    except ImportError:
-        pass
+    problems.extend(validate_cluster(cfg))
     if problems:
         raise ConfigError(problems)
+
+
+PREP_KEYS = ("experiment", "data", "model", "tokenizer")
+
+
+def prep_command(overrides: Sequence[str] = ()) -> str:
+    """The `nemotune prep` that writes what a run with these overrides reads: the same experiment, data and
+    model choices and data.* / model.* settings (prep reads nothing else)."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] in PREP_KEYS]
+    return " ".join(["nemotune prep", *(shlex.quote(o) for o in kept)])
+
+
+def needed_splits(cfg: DictConfig) -> List[tuple]:
+    """(key, split) pairs the run reads: the train and validation split of the run and of every stage."""
+    needed = [("trainer.train_split", cfg.trainer.train_split),
+              ("trainer.validation_split", cfg.trainer.validation_split)]
+    for stage in cfg.get("stages") or []:
+        for key in ("trainer.train_split", "trainer.validation_split"):
+            if key in stage.overrides:
+                needed.append((f"stages[{stage.name}].overrides.{key}", stage.overrides[key]))
+    seen, unique = set(), []
+    for key, split in needed:
+        if split not in seen:
+            seen.add(split)
+            unique.append((key, split))
+    return unique
+
+
+def split_problem(out: Any, manifest: dict, key: str, split: str, prep: str) -> Optional[str]:
+    """Why `split` cannot be read from the prepared dir `out` (None when it can), naming the splits it has."""
+    splits = list(manifest.get("splits") or [])
+    if split not in splits:
+        roles = manifest.get("split_roles") or {}
+        role = "train" if key.endswith("train_split") else "validation"
+        suggestion = roles.get(role) if roles.get(role) in splits else (splits[0] if splits else None)
+        fix = f"set {key}={suggestion}" if suggestion else f"prepare it: `{prep}`"
+        return (f"{key}={split}: {out} has no split {split!r}; it has {', '.join(splits) or 'none'}; {fix} "
+                f"(or prepare the splits you want with data.split_names / data.resplit)")
+    return None
+
+
+def prepared_data_problems(cfg: DictConfig, overrides: Sequence[str] = (), host_path=None) -> List[str]:
+    """What training will read from data.output_dir, checked before any process starts: the manifest, every
+    split it trains or validates on, and the packed file of each. `host_path` maps the job's path to where
+    this machine sees it (a container job's mounts); the fix names the prep command to run."""
+    import json
+
+    from nemotune.data_prep import formats
+
+    out = str(cfg.data.output_dir)
+    seen = Path(host_path(out)) if host_path else Path(out)
+    where = "" if str(seen) == out else f" (seen here as {seen})"
+    prep = prep_command(overrides)
+    if not (seen / formats.MANIFEST).is_file():
+        return [f"data.output_dir={out}: no prepared data (no {formats.MANIFEST}{where}); run `{prep}` first"]
+    try:
+        manifest = json.loads((seen / formats.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"data.output_dir={out}: unreadable {formats.MANIFEST} ({err}); rerun `{prep}`"]
+    problems = []
+    for key, split in needed_splits(cfg):
+        problem = split_problem(out, manifest, key, split, prep)
+        if problem:
+            problems.append(problem)
+        elif cfg.data.packing:
+            packed = formats.packed_path(seen, split, cfg.data.pack_size, cfg.data.seed)
+            if not packed.is_file():
+                problems.append(f"data.pack_size={cfg.data.pack_size}: {out} has no {split} packs for pack_size "
+                                f"{cfg.data.pack_size} / data.seed={cfg.data.seed} ({packed.name}); use the "
+                                f"values it was prepared with or rerun `{prep}`")
+        elif not formats.tokenized_path(seen, split).is_file():
+            problems.append(f"{key}={split}: {out} lists split {split!r} but has no "
+                            f"{formats.tokenized_path(out, split).name}; rerun `{prep}`")
+    return problems
 
 
 def _divisors(n: int) -> List[int]:

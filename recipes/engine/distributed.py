@@ -71,6 +71,12 @@ def _current_layout() -> tuple:
 
 
 def destroy_distributed() -> None:
+    import sys
+
+    if "megatron.core.parallel_state" not in sys.modules:  # never set up (a refused config): nothing to import
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
