@@ -94,7 +94,7 @@ def _refuse(problems: List[str]) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
     try:
         cfg = compose(args.config_name, args.overrides, args.config_dir)
     except Exception as err:  # ConfigError (unknown key/experiment), Hydra's composition errors
