@@ -59,8 +59,9 @@ def test_readme_tiny_pipeline_runs_verbatim_in_order(tmp_path):
         f"{result.stdout[-3000:]}\n{result.stderr[-5000:]}")
     # what the block promises exists: both stages trained, both exports, the report
     assert (tmp_path / "work" / "prep" / "fiqa_sample_resplit" / "manifest.json").is_file()
-    assert sorted(p.name for p in (tmp_path / "work" / "runs" / "tiny_two_stage").glob("stage*")) == \
-        ["stage1", "stage2"]
+    runs = tmp_path / "work" / "runs" / "tiny_two_stage"
+    assert sorted(p.name for p in runs.glob("stage*") if p.is_dir()) == ["stage1", "stage2"]
+    assert (runs / "stages.json").is_file()
     assert (tmp_path / "work" / "peft" / "adapter_config.json").is_file()
     assert (tmp_path / "work" / "lora.nemo").is_file()
     assert (tmp_path / "work" / "eval" / "summary.json").is_file()
