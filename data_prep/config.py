@@ -1,5 +1,6 @@
-"""Typed schema of the `data` config group (conf/data/*.yaml). The lead registers DataConfig in Hydra's
-ConfigStore; `check_data_config` merges a composed `data` node onto it and reports every problem at once."""
+"""Typed schema of the `data` config group (conf/data/*.yaml): the training schema (recipes/engine/config.py)
+nests it under `data`; `check_data_config` merges prep's composed `data` node onto it and reports every problem
+at once."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -69,7 +70,11 @@ def check_data_config(data: Any) -> DataConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
     except Exception as exc:  # omegaconf raises ConfigKeyError/ValidationError naming the key
-        raise DataPrepError(f"invalid data config: {exc}\nfix: see data_prep/config.py:DataConfig for the keys") from exc
+        lines = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and not line.strip().startswith(("object_type", "reference_type"))]
+        lines = [f"key data.{line[len('full_key: '):]}" if line.startswith("full_key: ") else line for line in lines]
+        raise DataPrepError(f"invalid data config: {'; '.join(lines)}; fix: see `nemotune prep --cfg` for the keys "
+                            f"and their values") from exc
     cfg: DataConfig = OmegaConf.to_object(merged)
     problems = []
 
@@ -102,5 +107,6 @@ def check_data_config(data: Any) -> DataConfig:
     need(cfg.num_proc >= 1, "num_proc", "must be >= 1")
     need(bool(cfg.fields.prompt) and bool(cfg.fields.response), "fields", "fields.prompt and fields.response are required")
     if problems:
-        raise DataPrepError("invalid data config:\n  " + "\n  ".join(problems))
+        raise DataPrepError(f"invalid data config: {problems[0]}" if len(problems) == 1 else
+                            "invalid data config:\n  " + "\n  ".join(problems))
     return cfg

@@ -79,8 +79,18 @@ def nearest(name: str, candidates: Iterable[str]) -> Optional[str]:
     found = difflib.get_close_matches(last, list(by_last), n=1, cutoff=0.6)
     if found:
         return by_last[found[0]]
-    found = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
-    return found[0] if found else None
+    # whole keys, compared past the dotted parts they share (a shared `trainer.` proves nothing)
+    best, best_ratio = None, 0.6
+    parts = name.split(".")
+    for candidate in candidates:
+        theirs = candidate.split(".")
+        shared = 0
+        while shared < min(len(parts), len(theirs)) - 1 and parts[shared] == theirs[shared]:
+            shared += 1
+        ratio = difflib.SequenceMatcher(None, ".".join(parts[shared:]), ".".join(theirs[shared:])).ratio()
+        if ratio > best_ratio:
+            best, best_ratio = candidate, ratio
+    return best
 
 
 def _hint(name: str, candidates: Iterable[str]) -> str:
