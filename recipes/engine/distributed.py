@@ -86,7 +86,11 @@ def destroy_distributed() -> None:
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    """This process's global rank; before the process group exists, the launcher's RANK (torchrun sets it), so
+    rank-0-only output stays rank-0-only from the first line."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:
