@@ -203,20 +203,16 @@ def _dataset_cached(name: str) -> bool:
 
 
 def load_hf(cfg: DataConfig) -> LoadedData:
-    from nemotune.data_prep.tokenizer import hub_offline, hub_reachable
+    from nemotune.data_prep.tokenizer import offline_reason
 
     config = f", '{cfg.hf_config}'" if cfg.hf_config else ""
     local = cfg.hf_name.rsplit("/", 1)[-1]
     fix = (f"fix: on a machine with network run `python -c \"import datasets; d = datasets.load_dataset("
            f"'{cfg.hf_name}'{config}); [d[s].to_json(f'{local}/{{s}}.jsonl') for s in d]\"`, copy {local}/ here "
            f"and set data.path={local} (the same config reads the local copy)")
-    if not _dataset_cached(cfg.hf_name):
-        if hub_offline():
-            raise DataPrepError(f"data.hf_name={cfg.hf_name}: not in the local datasets cache and HF_HUB_OFFLINE=1; "
-                                f"{fix}")
-        if not hub_reachable():
-            raise DataPrepError(f"data.hf_name={cfg.hf_name}: not in the local datasets cache and the hub is "
-                                f"unreachable; {fix}")
+    reason = None if _dataset_cached(cfg.hf_name) else offline_reason()
+    if reason:
+        raise DataPrepError(f"data.hf_name={cfg.hf_name}: not in the local datasets cache and {reason}; {fix}")
     import datasets
 
     try:

@@ -28,10 +28,6 @@ def _env_true(name: str) -> bool:
     return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
 
 
-def hub_offline() -> bool:
-    return _env_true("HF_HUB_OFFLINE") or _env_true("TRANSFORMERS_OFFLINE")
-
-
 def hub_reachable(timeout: float = 3.0) -> bool:
     """One quick TCP connect to the hub (HF_ENDPOINT): no retries, so an air-gapped node learns in seconds."""
     import socket
@@ -43,6 +39,16 @@ def hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def offline_reason() -> str | None:
+    """Why the hub cannot be used now (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or unreachable), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if _env_true(name):
+            return f"{name}=1"
+    if not hub_reachable():
+        return f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
+    return None
 
 
 def looks_like_path(name: str) -> bool:
@@ -89,11 +95,8 @@ def tokenizer_problem(name_or_path: str, key: str = "model.tokenizer") -> str | 
     cached = try_to_load_from_cache(name, "tokenizer_config.json")
     if isinstance(cached, str):
         return None
-    if hub_offline():
-        reason = "HF_HUB_OFFLINE=1" if _env_true("HF_HUB_OFFLINE") else "TRANSFORMERS_OFFLINE=1"
-    elif not hub_reachable():
-        reason = f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
-    else:
+    reason = offline_reason()
+    if reason is None:
         return None
     return (f"{key}={name}: hub tokenizer not in the local cache and {reason} (no local directory "
             f"{Path(name).resolve()} either); {download_hint(name, key)}")

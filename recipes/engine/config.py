@@ -329,8 +329,9 @@ def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> No
                 where = "" if seen(value) == value else f" (seen here as {seen(value)})"
                 problems.append(f"{key}={value}: no such file or directory{where}; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
-        tokenizer = str(cfg.model.tokenizer)
-        problem = tokenizer_problem(seen(tokenizer) if looks_like_path(tokenizer) else tokenizer)
+        tokenizer = cfg.model.tokenizer
+        problem = tokenizer_problem(seen(tokenizer) if looks_like_path(tokenizer) else tokenizer) if tokenizer \
+            else None
         if problem:
             problems.append(problem.replace(f"={seen(tokenizer)}:", f"={tokenizer}:", 1))
     from nemotune.launchers.config import validate_cluster
