@@ -76,6 +76,18 @@ class PrepConfig:
     tokenizer: Optional[str] = None
 
 
+@dataclass
+class PrepExperimentConfig(PrepConfig):
+    """conf/prep_experiment.yaml: prep for a training experiment. The training groups are open here (their
+    typed schema is the trainer's): experiments override them, prep reads only data, model and tokenizer."""
+    run: dict[str, Any] = field(default_factory=dict)
+    peft: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)
+    trainer: dict[str, Any] = field(default_factory=dict)
+    cluster: dict[str, Any] = field(default_factory=dict)
+    stages: list[Any] = field(default_factory=list)
+
+
 def check_data_config(data: Any) -> DataConfig:
     """Merge a composed `data` node onto DataConfig (type-checks keys) and collect every value problem."""
     from omegaconf import OmegaConf
@@ -85,7 +97,11 @@ def check_data_config(data: Any) -> DataConfig:
     try:
         merged = OmegaConf.merge(OmegaConf.structured(DataConfig), data)
     except Exception as exc:  # omegaconf raises ConfigKeyError/ValidationError naming the key
-        raise DataPrepError(f"invalid data config: {exc}\nfix: see data_prep/config.py:DataConfig for the keys") from exc
+        lines = [line.strip() for line in str(exc).splitlines()
+                 if line.strip() and not line.strip().startswith(("object_type", "reference_type"))]
+        lines = [f"key data.{line[len('full_key: '):]}" if line.startswith("full_key: ") else line for line in lines]
+        raise DataPrepError(f"invalid data config: {'; '.join(lines)}; fix: see `nemotune prep --cfg` for the keys "
+                            f"and their values") from exc
     cfg: DataConfig = OmegaConf.to_object(merged)
     problems = []
 
@@ -120,5 +136,6 @@ def check_data_config(data: Any) -> DataConfig:
     need(cfg.num_proc >= 1, "num_proc", "must be >= 1")
     need(bool(cfg.fields.prompt) and bool(cfg.fields.response), "fields", "fields.prompt and fields.response are required")
     if problems:
-        raise DataPrepError("invalid data config:\n  " + "\n  ".join(problems))
+        raise DataPrepError(f"invalid data config: {problems[0]}" if len(problems) == 1 else
+                            "invalid data config:\n  " + "\n  ".join(problems))
     return cfg

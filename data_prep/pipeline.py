@@ -152,12 +152,14 @@ def prep_config_dict(cfg: DataConfig, tokenizer_name: str) -> dict:
 
 # ------------------------------------------------------------------------------------------------ run
 def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, skip_bad: bool = False,
-        quiet: bool = False) -> PrepResult:
+        quiet: bool = False, tokenizer_key: str = "model.tokenizer") -> PrepResult:
     """Prepare `cfg` with the tokenizer `tokenizer_name` into cfg.output_dir (atomically), or just validate."""
+    # the tokenizer is checked before a long read: an offline hub id fails at once, naming the download
+    tokenizer = load_tokenizer(tokenizer_name, tokenizer_key)
     loaded = load_rows(cfg)
     examples, problems = to_examples(loaded, cfg)
     if validate_only:
-        problems += _length_problems(examples, tokenizer_name, cfg, quiet)
+        problems += _length_problems(examples, tokenizer, tokenizer_name, cfg)
         # the listing is the point of --validate-only: printed even with quiet (which drops the summary table)
         print(_problem_report(problems, "validation") if problems else
               f"validation: {len(examples)} examples from {len(loaded.inputs)} input(s), no problems")
@@ -165,7 +167,6 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
     if problems and not skip_bad:
         raise DataPrepError(_problem_report(problems, "input data") +
                             "\nfix: correct those lines, or rerun with --skip-bad to write them to rejects.jsonl")
-    tokenizer = load_tokenizer(tokenizer_name)
     splits = assign_splits(examples, loaded, cfg)
     encoded = tokenize_all(examples, tokenizer, tokenizer_name, cfg)
     rejects = [{"source": p.source, "line": p.line, "reason": p.reason,
@@ -242,21 +243,28 @@ def _write_split(tmp: Path, split: str, examples, encoded, cfg: DataConfig, pad_
     return row
 
 
-def _length_problems(examples: list[Example], tokenizer_name: str, cfg: DataConfig, quiet: bool) -> list[Problem]:
-    """Prompts that leave no room for an answer at max_seq_length (needs only the tokenizer files)."""
-    try:
-        tokenizer = load_tokenizer(tokenizer_name)
-    except Exception as exc:  # validation of the schema still stands without it
-        if not quiet:
-            print(f"note: prompt-length check skipped, tokenizer {tokenizer_name!r} unavailable: {exc}")
-        return []
+DROP_EXPLANATIONS = {
+    templating.TOO_LONG: "{length} tokens, over data.max_seq_length={max}: prep drops it (raise data.max_seq_length, "
+                         "or data.truncation=truncate_prompt to shorten its prompt)",
+    templating.PROMPT_TOO_LONG: "prompt is {prompt} tokens: no room for an answer at data.max_seq_length={max}, "
+                                "prep drops it (raise it, or data.truncation=truncate_prompt)",
+    templating.ANSWER_TOO_LONG: "{length} tokens and the answers alone exceed data.max_seq_length={max}: prep drops "
+                                "it even with truncate_prompt (raise data.max_seq_length)",
+    templating.ALL_MASKED: "no answer token is left to train on: prep drops it",
+}
+
+
+def _length_problems(examples: list[Example], tokenizer, tokenizer_name: str, cfg: DataConfig) -> list[Problem]:
+    """Every example the real prep would drop or fail on: the same chat template, encoding and truncation
+    policy (tokenize_all), so --validate-only and prep agree; needs the tokenizer files, no weights."""
     problems = []
-    for example in _progress(examples, len(examples), "check prompt lengths"):
-        tokens = templating.prompt_length(tokenizer, example.messages)
-        if tokens >= cfg.max_seq_length:
-            problems.append(Problem(example.source, example.line,
-                                    f"prompt is {tokens} tokens: no room for an answer at data.max_seq_length="
-                                    f"{cfg.max_seq_length} (raise it, or data.truncation=truncate_prompt)"))
+    for example, result in zip(examples, tokenize_all(examples, tokenizer, tokenizer_name, cfg)):
+        if isinstance(result, templating.MaskError):
+            problems.append(Problem(example.source, example.line, f"cannot build the answer-only loss mask: {result}"))
+        elif result.status != templating.OK:
+            reason = DROP_EXPLANATIONS.get(result.status, "prep drops it ({status})")
+            problems.append(Problem(example.source, example.line, reason.format(
+                length=result.length, prompt=result.prompt_tokens, max=cfg.max_seq_length, status=result.status)))
     return problems
 
 

@@ -184,6 +184,9 @@ def load_local(cfg: DataConfig) -> LoadedData:
         # the package or the data is installed
         shown = str(cfg.path if root.is_file() else Path(cfg.path) / path.name)
         split_rows = read_local_file(path, split, cfg.max_line_bytes)
+        if not split_rows:
+            raise DataPrepError(f"{shown}: empty input file (no records); fix: point data.path at the file that "
+                                f"holds the data" + (", or remove the empty split file" if len(by_split) > 1 else ""))
         for row in split_rows:
             row.source = shown
         rows.extend(split_rows)
@@ -191,16 +194,33 @@ def load_local(cfg: DataConfig) -> LoadedData:
     return LoadedData(rows, inputs, list(by_split), has_native)
 
 
+def _dataset_cached(name: str) -> bool:
+    """Whether `datasets` has a prepared copy of the hub dataset in its local cache (HF_DATASETS_CACHE)."""
+    import datasets
+
+    root = Path(datasets.config.HF_DATASETS_CACHE)
+    return any(root.glob(name.replace("/", "___") + "*")) or any(root.glob(name.replace("/", "___").lower() + "*"))
+
+
 def load_hf(cfg: DataConfig) -> LoadedData:
+    from nemotune.data_prep.tokenizer import offline_reason
+
+    config = f", '{cfg.hf_config}'" if cfg.hf_config else ""
+    local = cfg.hf_name.rsplit("/", 1)[-1]
+    fix = (f"fix: on a machine with network run `python -c \"import datasets; d = datasets.load_dataset("
+           f"'{cfg.hf_name}'{config}); [d[s].to_json(f'{local}/{{s}}.jsonl') for s in d]\"`, copy {local}/ here "
+           f"and set data.path={local} (the same config reads the local copy)")
+    reason = None if _dataset_cached(cfg.hf_name) else offline_reason()
+    if reason:
+        raise DataPrepError(f"data.hf_name={cfg.hf_name}: not in the local datasets cache and {reason}; {fix}")
     import datasets
 
     try:
         dataset = datasets.load_dataset(cfg.hf_name, cfg.hf_config)
     except Exception as exc:
-        raise DataPrepError(
-            f"data.hf_name={cfg.hf_name} (config {cfg.hf_config}): load_dataset failed: {exc}\n"
-            f"fix: offline machines can run from a local copy: data.source=local data.path=<dir of split files>"
-        ) from exc
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise DataPrepError(f"data.hf_name={cfg.hf_name} (config {cfg.hf_config}): load_dataset failed: {first}; "
+                            f"{fix}") from exc
     split_names = list(cfg.splits or dataset.keys())
     rows, inputs = [], []
     for split in split_names:

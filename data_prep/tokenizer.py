@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
 
 from nemotune.data_prep.formats import DataPrepError
 
@@ -56,54 +54,112 @@ def resolve_tokenizer_path(name_or_path: str) -> str:
     return str(tiny_tokenizer_dir()) if str(name_or_path) == TINY_TOKENIZER_NAME else str(name_or_path)
 
 
-def hub_offline() -> bool:
-    """True when the Hugging Face hub must not or cannot be reached: HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE is
-    set, or a connection to the hub endpoint fails (checked once, in milliseconds when there is no network)."""
-    flags = ("1", "ON", "YES", "TRUE")
-    if any(os.environ.get(name, "").upper() in flags for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")):
-        return True
-    endpoint = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
-    port = endpoint.port or (80 if endpoint.scheme == "http" else 443)
+def _env_true(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub (HF_ENDPOINT): no retries, so an air-gapped node learns in seconds."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
     try:
-        socket.create_connection((endpoint.hostname or "huggingface.co", port), timeout=3).close()
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
     except OSError:
-        return True
-    return False
+        return False
 
 
-def _looks_like_hub_id(name: str) -> bool:
-    parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(parts) and not name.startswith((".", "~"))
+def offline_reason() -> str | None:
+    """Why the hub cannot be used now (HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE set, or unreachable), or None."""
+    for name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+        if _env_true(name):
+            return f"{name}=1"
+    if not hub_reachable():
+        return f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
+    return None
+
+
+def looks_like_path(name: str) -> bool:
+    """A filesystem path rather than a hub id (`org/name`): absolute, ./ ../ ~, more than one slash, or existing."""
+    name = str(name)
+    return (name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+            or Path(name).expanduser().exists())
+
+
+def hf_cache_dir() -> str:
+    from huggingface_hub import constants
+
+    return str(constants.HF_HUB_CACHE)
+
+
+def download_hint(repo_id: str, key: str, *, what: str = "tokenizer", repo_type: str = "model") -> str:
+    """What to run on a machine with network, where the files go, and which key to set."""
+    kind = "" if repo_type == "model" else f" --repo-type {repo_type}"
+    files = " --include 'tokenizer*' 'special_tokens_map.json'" if what == "tokenizer" else ""
+    local = repo_id.rsplit("/", 1)[-1]
+    return (f"fix: on a machine with network run `hf download {repo_id}{kind}{files} --local-dir {local}`, copy "
+            f"{local}/ here and set {key}={local} (or download into this machine's cache {hf_cache_dir()} "
+            f"with the same HF_HOME and keep HF_HUB_OFFLINE=1)")
+
+
+def fix_key_for(key: str | None) -> str:
+    """The key to set in a fix: the model's own directory when its hub id was the fallback."""
+    return {"model.hub_id": "model.hf_path", None: "model.tokenizer"}.get(key, key)
+
+
+def tokenizer_problem(name_or_path: str, key: str | None = "model.tokenizer") -> str | None:
+    """Why `name_or_path` cannot give a tokenizer without network, as one line naming `key` and the fix; None
+    when it can (the packaged name, a local tokenizer dir, a hub id in the local cache, or a reachable hub)."""
+    name = str(name_or_path)
+    if name == TINY_TOKENIZER_NAME:
+        return None
+    named, fix_key = (f"{key}={name}" if key else f"tokenizer {name}"), fix_key_for(key)
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.exists():
+            return (f"{named}: no such tokenizer directory; point {fix_key} at a directory holding tokenizer.json + "
+                    f"tokenizer_config.json (e.g. the model's HF dir), or use {TINY_TOKENIZER_NAME}")
+        if not has_tokenizer_files(path) and not (path / "tokenizer_config.json").is_file():
+            return (f"{named}: holds no tokenizer files (tokenizer.json, tokenizer_config.json); point {fix_key} "
+                    f"at the model's HF dir")
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(try_to_load_from_cache(name, "tokenizer_config.json"), str):
+        return None
+    reason = offline_reason()
+    if reason is None:
+        return None
+    return (f"{named}: not a local directory, hub tokenizer not in the local cache and {reason}; "
+            f"{download_hint(name, fix_key)}")
 
 
 def load_tokenizer(name_or_path: str, key: str | None = None):
     """An HF tokenizer via `AutoTokenizer.from_pretrained`; `nemotune/tiny` loads the packaged tiny tokenizer.
 
-    `key` is the config key that named it, when known (the error messages name it). A local directory is
-    read with local_files_only; a hub id is fetched only when the hub is reachable, else read from the local cache or
-    refused at once with the download command. Every failure is one TokenizerError line.
+    `key` is the config key that named it, when known (the error messages name it). A hub id is read from the
+    local cache first (`local_files_only`); the network is tried only when the hub is online and reachable, so
+    an offline node fails at once with the download command. Every failure is one TokenizerError line.
     """
     from transformers import AutoTokenizer
 
     name = str(name_or_path)
+    problem = tokenizer_problem(name, key)
+    if problem:
+        raise TokenizerError(problem)
+    named, fix_key = (f"{key}={name}" if key else f"tokenizer {name}"), fix_key_for(key)
     path = resolve_tokenizer_path(name)
-    local = Path(path).is_dir()
-    # the key to set in a fix: the model's own directory when its hub id was the fallback
-    fix_key = {"model.hub_id": "model.hf_path", None: "model.tokenizer"}.get(key, key)
-    named = f"{key}={name}" if key else f"tokenizer {name}"
-    if not local and not _looks_like_hub_id(name):
-        raise TokenizerError(f"{named}: no such tokenizer directory; set {fix_key} to a directory holding "
-                             f"tokenizer.json + tokenizer_config.json")
-    offline = not local and hub_offline()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local or offline)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+        except OSError:
+            if looks_like_path(name) or name == TINY_TOKENIZER_NAME:
+                raise
+            tokenizer = AutoTokenizer.from_pretrained(path)
     except Exception as exc:  # OSError, ValueError, HF hub errors: all become one line with the fix
-        if offline:
-            raise TokenizerError(
-                f"{named}: not a local directory, the Hugging Face hub is unreachable (offline) and {name} "
-                f"is not in its local cache; download it where there is network with "
-                f"`huggingface-cli download {name} --local-dir DIR` and set {fix_key}=DIR") from exc
-        reason = " ".join(str(exc).split())[:300]
+        reason = " ".join(str(exc).split())[:300] or type(exc).__name__
         raise TokenizerError(f"{named}: cannot load the tokenizer ({type(exc).__name__}: {reason}); set "
                              f"{fix_key} to a local directory holding tokenizer.json + tokenizer_config.json, or "
                              f"{TINY_TOKENIZER_NAME!r} for the packaged tiny tokenizer") from exc

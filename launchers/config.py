@@ -22,7 +22,10 @@ class ClusterConfig:
     nproc_per_node: int = 1
     # GPUs to allocate per node (0 = CPU job: no --gpus-per-node line)
     gpus_per_node: int = 0
+    # CPUs of the node task that runs the node's torchrun (all its ranks); null = derived: every CPU of the node
+    # with exclusive=true (srun --cpus-per-task=$SLURM_CPUS_ON_NODE), else one per rank
     cpus_per_task: Optional[int] = None
+    # memory per node (Slurm --mem); null = derived: 0 (all of the node's memory) with exclusive=true
     mem: Optional[str] = None
     partition: Optional[str] = None
     account: Optional[str] = None
@@ -60,6 +63,32 @@ class ClusterConfig:
     setup: List[str] = field(default_factory=list)
     sbatch_args: List[str] = field(default_factory=list)  # extra #SBATCH lines, e.g. --reservation=x
     srun_args: List[str] = field(default_factory=list)
+    # per-rank output: every line prefixed with its node (srun --label) and local rank (torchrun --tee, which
+    # also writes each rank's stdout/stderr under <output_dir>/ranks/)
+    rank_logs: bool = True
+
+    def derived_cpus_per_task(self) -> Optional[str]:
+        """What the node task asks for: the configured count, all of an exclusive node's CPUs, or one per rank."""
+        if self.cpus_per_task is not None:
+            return str(self.cpus_per_task)
+        return None if self.exclusive else str(self.nproc_per_node)
+
+    def derived_mem(self) -> Optional[str]:
+        if self.mem not in (None, ""):
+            return str(self.mem)
+        return "0" if self.exclusive else None
+
+
+def cluster_config(node: Any) -> ClusterConfig:
+    """The typed cluster config of a composed `cluster` node (DictConfig), a dict or a ClusterConfig: the one
+    place the launchers take values and defaults from. Interpolations (${run.name}) are resolved first."""
+    if isinstance(node, ClusterConfig):
+        return node
+    from omegaconf import DictConfig, OmegaConf
+
+    if isinstance(node, DictConfig):
+        node = OmegaConf.to_container(node, resolve=True)
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ClusterConfig), dict(node)))
 
 
 CLUSTER_KEYS = tuple(f.name for f in fields(ClusterConfig))
@@ -179,9 +208,99 @@ def validate_cluster(cfg: Any) -> List[str]:
                             "cluster.node_rank=<i>), or use cluster=slurm")
         if not isinstance(c["node_rank"], int) or not 0 <= c["node_rank"] < c["nodes"]:
             problems.append(f"cluster.node_rank={c['node_rank']}: must be in 0..{c['nodes'] - 1}")
+    problems += container_path_problems(cfg) if c["container"] else []
     for key, value in (c["env"] or {}).items():
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", str(key)):
             problems.append(f"cluster.env.{key}: not a valid environment variable name")
         elif isinstance(value, (dict, list)):
             problems.append(f"cluster.env.{key}: must be a string/number, not {type(value).__name__}")
     return problems
+
+
+# Paths a training job reads or writes, by key. cluster.output_dir is left out: the launcher mounts it itself.
+JOB_PATH_KEYS = ("model.hf_path", "model.checkpoint", "model.tokenizer", "data.output_dir", "run.output_dir",
+                 "peft.restore_from")
+
+
+def _mounts(c: ClusterConfig) -> List[tuple]:
+    """(source, destination) of every well-formed `src:dst[:flags]` mount."""
+    pairs = []
+    for mount in c.container_mounts:
+        parts = str(mount).split(":")
+        if len(parts) in (2, 3) and all(parts[:2]):
+            pairs.append((parts[0], parts[1].rstrip("/") or "/"))
+    return pairs
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def job_paths(cfg: Any) -> List[tuple]:
+    """(key, path) of every path the job reads or writes that is set (a hub id is not a path)."""
+    from nemotune.data_prep.tokenizer import TINY_TOKENIZER_NAME
+
+    found = []
+    for key in JOB_PATH_KEYS:
+        value = _get(cfg, key)
+        if value in (None, ""):
+            continue
+        value = str(value)
+        if key == "model.tokenizer" and (value == TINY_TOKENIZER_NAME or not (
+                value.startswith(("/", ".", "~")) or value.count("/") > 1)):
+            continue  # a hub id (org/name) or the packaged tokenizer: not a path the job mounts
+        found.append((key, value))
+    return found
+
+
+def container_path(c: ClusterConfig, path: str) -> str:
+    """Where the job sees `path` inside the container (relative paths start at cluster.container_workdir)."""
+    import posixpath
+
+    if path.startswith("~") or posixpath.isabs(path):
+        return posixpath.normpath(path)
+    return posixpath.normpath(posixpath.join(c.container_workdir or "/", path))
+
+
+def host_path(cluster: Any, path: str) -> str:
+    """Where the submitting machine sees a path of the job: through the container mounts (the longest
+    matching destination) for a container job, relative to cluster.workdir otherwise."""
+    import os.path
+
+    c = cluster_config(cluster)
+    if not c.container:
+        return os.path.join(c.workdir, path) if c.workdir and not os.path.isabs(path) else path
+    inside = container_path(c, path)
+    matches = [(src, dst) for src, dst in _mounts(c) if _inside(inside, dst)]
+    if not matches:
+        return path
+    src, dst = max(matches, key=lambda m: len(m[1]))
+    return os.path.join(os.path.abspath(src), os.path.relpath(inside, dst))
+
+
+def container_path_problems(cfg: Any) -> List[str]:
+    """Every path of a container job (cluster.container=true) that no cluster.container_mounts destination
+    holds, naming the path and the mount to add; nothing for other jobs."""
+    cluster = _get(cfg, "cluster")
+    try:
+        c = cluster_config(cluster)
+    except Exception:  # a malformed cluster node: validate_cluster reports it
+        return []
+    if not c.container:
+        return []
+    mounts = _mounts(c)
+    destinations = ", ".join(dst for _, dst in mounts) or "none"
+    problems = []
+    for key, value in job_paths(cfg):
+        if not (value.startswith(("/", "~"))) and not c.container_workdir:
+            problems.append(f"{key}={value}: a relative path in a container job needs cluster.container_workdir "
+                            f"(inside a mount); set it, or give {key} as an absolute path")
+            continue
+        inside = container_path(c, value)
+        if not any(_inside(inside, dst) for _, dst in mounts):
+            root = "/" + inside.strip("/").split("/")[0]
+            problems.append(f"{key}={value}: the container job cannot see {inside} (cluster.container_mounts "
+                            f"destinations: {destinations}); add the mount {root}:{root} to "
+                            f"cluster.container_mounts")
+    return problems
+

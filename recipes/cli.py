@@ -31,7 +31,10 @@ def usage() -> str:
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:  # a verb is required: say which exist, and fail so scripts notice
+        print(f"nemotune: no verb given\n\n{usage()}", file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(usage())
         return 0
     verb, rest = argv[0], argv[1:]

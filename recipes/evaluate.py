@@ -106,8 +106,11 @@ class EvalConfigError(ValueError):
 
     def __init__(self, problems: Sequence[str]):
         self.problems = list(problems)
+        if len(self.problems) == 1:  # one problem: one line
+            super().__init__(f"invalid eval configuration: {self.problems[0]}")
+            return
         super().__init__(
-            f"invalid eval configuration ({len(self.problems)} problem{'s' * (len(self.problems) != 1)}):\n"
+            f"invalid eval configuration ({len(self.problems)} problems):\n"
             + "\n".join(f"  - {p}" for p in self.problems)
         )
 
@@ -118,6 +121,19 @@ def compose_eval(overrides: Sequence[str] | None = None) -> DictConfig:
     from hydra.core.config_store import ConfigStore
     from hydra.core.global_hydra import GlobalHydra
 
+    from nemotune.recipes.engine.config import check_overrides, experiment_names
+
+    def is_experiment(text: str) -> bool:
+        return text.split("=", 1)[0].lstrip("+") == "experiment"
+
+    problems = check_overrides([o for o in overrides or [] if not is_experiment(o)], schema=EvalConfig,
+                               groups=(), verb="nemotune eval")
+    for text in filter(is_experiment, overrides or []):
+        problems.append(f"{text}: `nemotune eval` takes no experiment (it compares an exported adapter with "
+                        f"its base); for the Megatron loss pass \"eval.train_overrides=['{text}']\"; "
+                        f"experiments: {', '.join(experiment_names())}")
+    if problems:
+        raise EvalConfigError(problems)
     ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
     GlobalHydra.instance().clear()
     with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
@@ -141,6 +157,10 @@ def validate_eval(cfg: DictConfig) -> None:
         elif key != "out_dir" and not Path(cfg[key]).is_dir():
             problems.append(f"{key}={cfg[key]}: no such directory; fix the path to {what}")
     ev = cfg.eval
+    if ev.train_overrides:
+        from nemotune.recipes.engine.config import check_overrides
+
+        problems += [f"eval.train_overrides: {p}" for p in check_overrides(list(ev.train_overrides))]
     if ev.limit is not None and ev.limit < 1:
         problems.append(f"eval.limit={ev.limit}: must be >= 1, or null for the whole split")
     if ev.backend not in BACKENDS:
@@ -318,9 +338,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         try:
             cfg = compose_eval(overrides)
+        except EvalConfigError:
+            raise
         except Exception as err:  # Hydra/OmegaConf name the offending key (the cause says why)
-            cause = f" ({err.__cause__})" if err.__cause__ else ""
-            raise EvalConfigError([f"{type(err).__name__}: {err}{cause}"]) from err
+            from nemotune.recipes.engine.config import compose_error
+
+            raise EvalConfigError([compose_error(err)]) from err
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0

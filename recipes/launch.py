@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from nemotune.launchers.config import validate_cluster
+from nemotune.launchers.config import cluster_config, host_path, validate_cluster
 
 USAGE = """\
 nemotune launch [--dry-run] [--config-name NAME] [hydra overrides ...]
@@ -51,14 +51,19 @@ def compose(config_name: str, overrides: Sequence[str], config_dir: Optional[str
 
 
 def check(cfg, *, full: bool) -> List[str]:
-    """All problems: the recipe's validate (which includes validate_cluster) for the real conf/ tree;
-    validate_cluster alone for a bare test config."""
+    """All problems: the recipe's validate (which includes validate_cluster; paths seen through a container
+    job's mounts) for the real conf/ tree; validate_cluster alone for a bare test config."""
+    from nemotune.recipes.engine.config import ConfigError, validate
+
     problems: List[str] = []
     if full:
-        from nemotune.recipes.engine.config import ConfigError, validate
-
         try:
-            validate(cfg)
+            cluster = cluster_config(cfg.cluster)
+            mapping = (lambda path: host_path(cluster, path))
+        except Exception:  # a malformed cluster node: validate_cluster names it
+            mapping = None
+        try:
+            validate(cfg, host_path=mapping)
         except ConfigError as err:
             problems.extend(err.problems)
     for p in validate_cluster(cfg):
@@ -67,34 +72,50 @@ def check(cfg, *, full: bool) -> List[str]:
     return problems
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
-    try:
-        cfg = compose(args.config_name, args.overrides, args.config_dir)
-    except Exception as err:  # Hydra's composition errors: unknown key/group, bad type
-        msg = str(err)
-        if err.__cause__ is not None and str(err.__cause__) not in msg:
-            msg += f"\n{err.__cause__}"
-        print(f"nemotune launch: cannot compose the config: {msg}\nNothing was started or submitted.",
-              file=sys.stderr)
-        return 2
-    problems = check(cfg, full=args.config_dir is None)
-    if problems:
-        print(f"nemotune launch: invalid configuration ({len(problems)} problem"
-              f"{'s' if len(problems) != 1 else ''}); nothing was started or submitted:", file=sys.stderr)
+def needs(cfg, overrides: Sequence[str]) -> List[str]:
+    """What the job will read, checked here before it queues: the prepared data (through the container
+    mounts for a container job), naming the prep command that writes it."""
+    from nemotune.recipes.engine.config import prepared_data_problems
+
+    cluster = cluster_config(cfg.cluster)
+    return prepared_data_problems(cfg, overrides, host_path=lambda path: host_path(cluster, path))
+
+
+def _refuse(problems: List[str]) -> int:
+    """Exit 2, one line per problem (one problem: one line), saying that nothing ran."""
+    if len(problems) == 1:
+        print(f"nemotune launch: nothing was started or submitted: {problems[0]}", file=sys.stderr)
+    else:
+        print(f"nemotune launch: invalid configuration ({len(problems)} problems); nothing was started or "
+              "submitted:", file=sys.stderr)
         for p in problems:
             print(f"  - {p}", file=sys.stderr)
-        return 2
+    return 2
 
-    from nemotune.launchers.slurm import SubmitError, _plain, render_jobs, submit_jobs
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = _parser().parse_intermixed_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        cfg = compose(args.config_name, args.overrides, args.config_dir)
+    except Exception as err:  # ConfigError (unknown key/experiment), Hydra's composition errors
+        from nemotune.recipes.engine.config import ConfigError, compose_error
+
+        problems = err.problems if isinstance(err, ConfigError) else [compose_error(err)]
+        return _refuse(problems)
+    problems = check(cfg, full=args.config_dir is None)
+    if not problems and args.config_dir is None:
+        problems = needs(cfg, args.overrides)
+    if problems:
+        return _refuse(problems)
+
+    from nemotune.launchers.slurm import SubmitError, render_jobs, submit_jobs
     from nemotune.launchers.torchrun import entry_argv, run_local
 
-    cluster = _plain(cfg.cluster)
+    cluster = cluster_config(cfg.cluster)
     overrides = list(args.overrides)
-    if cluster["kind"] == "local":
+    if cluster.kind == "local":
         staged = bool(cfg.get("stages"))
-        return run_local(cluster, entry_argv(cluster.get("module"), overrides, staged=staged),
-                         dry_run=args.dry_run)
+        return run_local(cluster, entry_argv(cluster.module, overrides, staged=staged), dry_run=args.dry_run)
     jobs = render_jobs(cfg, overrides)
     try:
         submit_jobs(cluster, jobs, dry_run=args.dry_run)

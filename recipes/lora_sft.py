@@ -22,7 +22,7 @@ from nemotune.recipes.engine import distributed
 from nemotune.recipes.engine.builders import (adapter_config, build_lora_model, build_scheduler, data_fingerprint,
                                               init_from_config, load_samples, model_tokenizer, pad_id_of,
                                               seq_length, wrap_for_training)
-from nemotune.recipes.engine.config import ConfigError, compose, hf_config_of, validate
+from nemotune.recipes.engine.config import ConfigError, compose, hf_config_of, prepared_data_problems, validate
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
@@ -144,14 +144,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 0
     print_cfg, overrides = parsed
     try:
-        try:
-            cfg = compose("lora_sft", overrides)
-        except Exception as err:  # Hydra/OmegaConf name the offending key in their message
-            raise ConfigError([f"{type(err).__name__}: {err}"]) from err
+        cfg = compose("lora_sft", overrides)
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
             return 0
         validate(cfg)
+        problems = prepared_data_problems(cfg, overrides)
+        if problems:
+            raise ConfigError(problems)
         if cfg.stages:
             from nemotune.recipes.two_stage import run_stages
 

@@ -33,12 +33,11 @@ CASES = [
     BadInput("tokenizer_dir_missing", (*TRAIN, "model.tokenizer={missing}"),
              ("model.tokenizer=", "no such tokenizer directory")),
     BadInput("hub_tokenizer_offline_train", (*TRAIN, f"model.hub_id={NANO}"),
-             ("model.hub_id=" + NANO, f"huggingface-cli download {NANO} --local-dir DIR", "model.hf_path=DIR")),
-    # prep reports refused input with exit 1 (its CLI's code for every DataPrepError)
+             ("model.hub_id=" + NANO, f"hf download {NANO}", "set model.hf_path=Llama-3.1-Nemotron-Nano-8B-v1")),
     BadInput("hub_tokenizer_offline_prep", (*PREP, "model=nemotron_nano_8b"),
-             (f"huggingface-cli download {NANO} --local-dir DIR", "model.tokenizer=DIR"), exit_code=1),
+             (f"hf download {NANO}", "set model.hf_path=Llama-3.1-Nemotron-Nano-8B-v1"), exit_code=2),
     BadInput("task_prompt_placement_unknown", (*PREP, "data.task_prompt_placement=middle"),
-             ("data.task_prompt_placement", "'middle'"), exit_code=1),
+             ("data.task_prompt_placement", "'middle'"), exit_code=2),
 ]
 
 
@@ -72,7 +71,7 @@ def test_unreachable_hub_fails_at_once_without_hf_hub_offline(assets):
     case = bind(next(c for c in CASES if c.name == "hub_tokenizer_offline_train"), assets)
     start = time.monotonic()
     result = run_command(case.argv, env={"HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9"})
-    assert result.returncode == 2 and f"huggingface-cli download {NANO}" in result.stderr
+    assert result.returncode == 2 and f"hf download {NANO}" in result.stderr
     assert time.monotonic() - start < 60  # the whole process (imports included); the hub check is milliseconds
 
 

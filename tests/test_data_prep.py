@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from test_data_prep_support import REAL_FIQA_OVERRIDES, needs_shared_fiqa, run_prep, tree_bytes
 
-from nemotune.data_prep import formats, make_sample, make_tiny_tokenizer, templating
+from nemotune.data_prep import formats, make_sample, make_tiny_tokenizer, sources, templating
 from nemotune.data_prep.tokenizer import load_tokenizer, tiny_tokenizer_dir, tokenizer_fingerprint
 
 
@@ -319,6 +319,7 @@ def test_hub_source_keeps_native_splits_and_first_ground_truth(monkeypatch, tmp_
                                      for split in ("train", "validation", "test")})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.setattr(sources, "_dataset_cached", lambda name: True)  # past the offline check
     cfg = DataConfig(output_dir=str(tmp_path / "hub"), max_seq_length=1024, pack_size=1024)
     result = run(cfg, "nemotune/tiny", quiet=True)
     manifest = result.manifest

@@ -69,7 +69,7 @@ def test_malformed_input_is_named_by_file_and_line(case, prep_conf_dir, tmp_path
     bad, reason = CASES[case]
     path = write_input(tmp_path, bad)
     out = tmp_path / "out"
-    assert run_prep(prep_conf_dir, out, *overrides(path)) == 1
+    assert run_prep(prep_conf_dir, out, *overrides(path)) == 2
     error = capsys.readouterr().err
     assert f"{path}:{BAD_LINE}: " in error and reason in error, error[:2000]
     assert error.count(f"  {path}:") == 1  # only the bad line is reported
@@ -93,7 +93,7 @@ def test_every_problem_is_listed_at_once(prep_conf_dir, tmp_path, capsys):
     path = tmp_path / "input.jsonl"
     path.write_bytes(b"\n".join([GOOD_FIELDS[0], CASES["truncated_json"][0], GOOD_FIELDS[1],
                                  CASES["empty_answer"][0], CASES["binary_bytes"][0]]) + b"\n")
-    assert run_prep(prep_conf_dir, tmp_path / "out", *overrides(path)) == 1
+    assert run_prep(prep_conf_dir, tmp_path / "out", *overrides(path)) == 2
     error = capsys.readouterr().err
     assert "3 problem(s)" in error
     for line in (2, 4, 5):
@@ -133,9 +133,9 @@ def test_error_while_writing_leaves_previous_output_untouched(prep_conf_dir, tmp
 
 def test_bad_config_values_are_reported_together(prep_conf_dir, tmp_path, capsys):
     assert run_prep(prep_conf_dir, tmp_path / "out", "data.truncation=middle", "data.pack_algorithm=best_fit",
-                    "data.split_ratios=[0.5,0.2]") == 1
+                    "data.split_ratios=[0.5,0.2]") == 2
     error = capsys.readouterr().err
     for key in ("data.truncation", "data.pack_algorithm", "data.split_ratios"):
         assert key in error
-    assert run_prep(prep_conf_dir, tmp_path / "out", "data.no_such_key=1") == 1
+    assert run_prep(prep_conf_dir, tmp_path / "out", "data.no_such_key=1") == 2
     assert "no_such_key" in capsys.readouterr().err

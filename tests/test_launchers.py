@@ -1,4 +1,5 @@
 """launchers/: sbatch rendering (asserted line by line), torchrun argv, validation, PreemptionHandler, CLI."""
+import json
 import os
 import shutil
 import signal
@@ -63,6 +64,7 @@ def test_single_node_gpu_script_line_by_line():
     assert lines[0] == "#!/bin/bash"
     assert sbatch_lines(script) == [
         "--job-name=nemotune-x", "--nodes=1", "--ntasks-per-node=1", "--gpus-per-node=8",
+        "--mem=0",  # exclusive: all of the node's memory
         "--partition=batch", "--account=llm", "--time=02:00:00",
         "--output=/lustre/runs/x/slurm/%x-%j.out", "--error=/lustre/runs/x/slurm/%x-%j.err",
         "--exclusive", "--signal=USR1@300", "--requeue", "--open-mode=append"]
@@ -77,11 +79,14 @@ def test_single_node_gpu_script_line_by_line():
     assert lines[i + 2] == (
         "exec /opt/venv/bin/python -m torch.distributed.run --nproc_per_node=8 --nnodes=\"$SLURM_NNODES\" "
         "--node_rank=\"$SLURM_NODEID\" --rdzv_backend=c10d --rdzv_endpoint=\"$HEAD_NODE:$MASTER_PORT\" "
-        "--rdzv_id=\"$SLURM_JOB_ID\" -m nemotune.recipes.lora_sft experiment=nano8b_fiqa_lora cluster=slurm")
+        "--rdzv_id=\"$SLURM_JOB_ID\" --tee=3 "
+        "--log-dir=/lustre/runs/x/slurm/ranks/\"$SLURM_JOB_ID\"-node\"$SLURM_NODEID\" "
+        "-m nemotune.recipes.lora_sft experiment=nano8b_fiqa_lora cluster=slurm")
     assert lines[i + 3] == "NEMOTUNE_NODE"
+    # the node task gets every CPU of the exclusive node (srun's default is one) and labels its lines
     assert line_starting(script, "srun ") == (
-        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 bash -c "$NODE_CMD" '
-        "|| status=$?")
+        'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
+        '--cpus-per-task="$SLURM_CPUS_ON_NODE" --label bash -c "$NODE_CMD" || status=$?')
     assert "--container" not in script
     # requeue after a pre-timeout checkpoint happens from the batch shell, once srun has returned
     j = lines.index('if [ -f "$NEMOTUNE_REQUEUE_FILE" ]; then')
@@ -103,6 +108,7 @@ def test_four_node_container_script_line_by_line():
     sb = sbatch_lines(script)
     assert sb[:4] == ["--job-name=nemotune-x", "--nodes=4", "--ntasks-per-node=1", "--gpus-per-node=8"]
     assert "--time=1-00:00:00" in sb and "--reservation=llm" == sb[-1]
+    assert "--cpus-per-task=8" in sb and not any(s.startswith(("--mem", "--exclusive")) for s in sb)  # one per rank
     assert not any(s.startswith(("--signal", "--requeue", "--open-mode", "--partition", "--account")) for s in sb)
     assert "MASTER_PORT=6000" in script.splitlines()
     exec_line = line_starting(script, "exec ")
@@ -111,7 +117,7 @@ def test_four_node_container_script_line_by_line():
     assert exec_line.endswith("-m nemotune.recipes.lora_sft experiment=x trainer.optim.lr=5e-5 'run.name=a b'")
     assert line_starting(script, "srun ") == (
         'srun --nodes="$SLURM_NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 '
-        "--container-image=/images/nemotune.sqsh "
+        '--cpus-per-task="$SLURM_CPUS_PER_TASK" --label --container-image=/images/nemotune.sqsh '
         "--container-mounts=/lustre:/lustre,/data:/data:ro,/lustre/runs/x/slurm:/lustre/runs/x/slurm "
         '--container-workdir=/workspace/nemotune bash -c "$NODE_CMD" || status=$?')
 
@@ -249,18 +255,36 @@ def test_cli_local_dry_run(conf_dir, capsys):
         "cluster.nproc_per_node=2")
 
 
-def test_real_conf_tree_composes_cluster_groups(capsys):
-    """conf/lora_sft.yaml with cluster=slurm: 2 nodes x 8 GPUs render when the batch fits DP=16, and are
-    refused with the key and the fix when it does not."""
+def fake_prepared(out: Path, splits=("train", "validation"), pack_size=1024, seed=1234) -> Path:
+    """What launch checks before queueing: a manifest naming the splits and each split's packed file."""
+    out.mkdir(parents=True)
+    (out / "manifest.json").write_text(json.dumps({"splits": list(splits)}))
+    for split in splits:
+        (out / split).mkdir()
+        (out / split / f"packed_{pack_size}_seed{seed}.npy").write_bytes(b"")
+    return out
+
+
+def test_real_conf_tree_dry_run_needs_prepared_data(tmp_path, monkeypatch, capsys):
     from nemotune.recipes.launch import compose
 
     cfg = compose("lora_sft", ["cluster=slurm", "cluster.nodes=2"])
     assert cfg.cluster.kind == "slurm" and cfg.cluster.nproc_per_node == 8
-    argv = ["cluster=slurm", "cluster.nodes=2", "cluster.partition=p"]
-    assert launch_main([*argv, "trainer.global_batch_size=16", "--dry-run"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert "#SBATCH --nodes=2" in lines and "#SBATCH --gpus-per-node=8" in lines
-    assert launch_main([*argv, "--dry-run"]) == 2
+    calls = _fail_sbatch(monkeypatch)
+    prep = tmp_path / "prep"
+    argv = ["cluster=slurm", "cluster.nodes=2", "cluster.partition=p", "trainer.global_batch_size=16",
+            f"data.output_dir={prep}", "--dry-run"]
+    assert launch_main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"nemotune launch: nothing was started or submitted: data.output_dir={prep}: no prepared data "
+                   f"(no manifest.json); run `nemotune prep data.output_dir={prep}` first")
+    fake_prepared(prep)
+    assert launch_main(argv) == 0
+    out = capsys.readouterr().out
+    assert "#SBATCH --nodes=2" in out and "#SBATCH --exclusive" in out and "#SBATCH --mem=0" in out
+    assert calls == []
+    # the same job with a global batch that DP=16 does not divide: refused with the key and the fix
+    assert launch_main([a for a in argv if not a.startswith("trainer.global_batch_size")]) == 2
     assert "trainer.global_batch_size=8: must be divisible by micro_batch_size x data-parallel size = 1 x 16" in \
         capsys.readouterr().err
 
@@ -269,11 +293,19 @@ def test_cli_ngc_container_example(conf_dir, monkeypatch, capsys):
     calls = _fail_sbatch(monkeypatch)
     argv = ["--config-dir", str(conf_dir), "--config-name", "launch_test", "cluster=slurm_ngc",
             "cluster.container_image=/images/nemotune.sqsh", "cluster.nodes=2", "--dry-run"]
+    # the run dir of this config ({conf_dir}/run) lies outside the image's default mounts: refused by name
+    assert launch_main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"run.output_dir={conf_dir}/run: the container job cannot see" in err
+    root = "/" + str(conf_dir).strip("/").split("/")[0]
+    assert f"add the mount {root}:{root} to cluster.container_mounts" in err and calls == []
+    argv.append(f"cluster.container_mounts=[/srv/nemotune:/workspace/nemotune,{root}:{root}]")
     assert launch_main(argv) == 0
     script = capsys.readouterr().out.split("\n", 1)[1]
     srun = line_starting(script, "srun ")
     assert "--container-image=/images/nemotune.sqsh" in srun and "--container-workdir=/workspace/nemotune" in srun
-    assert ":/workspace/nemotune," in srun and f"{conf_dir}/run/slurm:{conf_dir}/run/slurm" in srun
+    assert f"/srv/nemotune:/workspace/nemotune,{root}:{root}," in srun
+    assert f"{conf_dir}/run/slurm:{conf_dir}/run/slurm" in srun
     assert line_starting(script, "exec ").startswith("exec python -m torch.distributed.run --nproc_per_node=8")
     lines = script.splitlines()
     assert "export NCCL_IB_DISABLE=0" in lines and "export NCCL_DEBUG=WARN" in lines  # slurm.yaml env kept

@@ -50,11 +50,17 @@ def load_samples(cfg: DictConfig, split: str, tokenizer) -> List[batches.Sample]
     from nemotune.data_prep import formats
     from nemotune.data_prep.tokenizer import same_tokenizer, tokenizer_fingerprint
 
+    from nemotune.recipes.engine.config import prep_command, split_problem
+
     out = Path(cfg.data.output_dir)
     if not (out / "manifest.json").is_file():
-        raise FileNotFoundError(f"data.output_dir={out}: no prepared data (manifest.json); run "
-                                f"`nemotune prep data={cfg.data.name} model={cfg.model.name}` first")
+        raise FileNotFoundError(f"data.output_dir={out}: no prepared data (manifest.json); run `nemotune prep` "
+                                f"with this run's experiment= / data.* / model.* overrides first")
     manifest = formats.read_manifest(out)
+    key = "trainer.train_split" if split == cfg.trainer.train_split else "trainer.validation_split"
+    problem = split_problem(out, manifest, key, split, prep_command())
+    if problem:
+        raise FileNotFoundError(problem)
     expected, found = tokenizer_fingerprint(tokenizer), manifest.get("tokenizer", {})
     if not same_tokenizer(expected, found):
         key = getattr(tokenizer, "nemotune_key", "model.tokenizer")

@@ -10,9 +10,11 @@ group or model exists.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from hydra import compose as hydra_compose
 from hydra import initialize_config_module
@@ -170,8 +172,11 @@ class ConfigError(ValueError):
 
     def __init__(self, problems: List[str]):
         self.problems = list(problems)
-        super().__init__("invalid configuration ({} problem{}):\n".format(
-            len(problems), "" if len(problems) == 1 else "s") + "\n".join(f"  - {p}" for p in problems))
+        if len(self.problems) == 1:  # one problem: one line
+            super().__init__(f"invalid configuration: {self.problems[0]}")
+        else:
+            super().__init__(f"invalid configuration ({len(self.problems)} problems):\n"
+                             + "\n".join(f"  - {p}" for p in self.problems))
 
 
 def _register_schemas() -> None:
@@ -180,12 +185,54 @@ def _register_schemas() -> None:
         store.store(name=name, node=node)
 
 
+GROUPS = ("model", "data", "peft", "parallel", "trainer", "cluster", "experiment")
+
+
+def conf_dir() -> Path:
+    import nemotune.conf
+
+    return Path(nemotune.conf.__file__).resolve().parent
+
+
+def check_overrides(overrides: List[str], *, schema: Any = LoraSftConfig, groups=GROUPS,
+                    verb: str = "nemotune train") -> List[str]:
+    """Unknown experiments / group options and keys that are not in the typed schema (`+trainer.lrr=5`)."""
+    from nemotune.data_prep.overrides import check_overrides as check, group_options, schema_tree
+
+    root = conf_dir()
+    return check(overrides, tree=schema_tree(schema), groups={g: group_options(root, g) for g in groups},
+                 verb=verb)
+
+
+def compose_error(err: Exception) -> str:
+    """Hydra's / OmegaConf's composition error (several lines, a cause) as one line."""
+    lines: List[str] = []
+    for source in (err, err.__cause__):
+        for line in str(source or "").splitlines():
+            line = line.strip()
+            if line and not line.startswith(("full_key:", "object_type", "reference_type", "See https")) \
+                    and line not in lines:
+                lines.append(line)
+    return "; ".join(lines) or type(err).__name__
+
+
 def compose(config_name: str = "lora_sft", overrides: Optional[List[str]] = None) -> DictConfig:
-    """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`)."""
+    """Compose `conf/<config_name>.yaml` with Hydra overrides (`key=value`, `experiment=name`).
+
+    Refuses (ConfigError, one line per problem) an unknown experiment or group option and any key the
+    typed schema lacks, `+key=value` additions included, before Hydra runs."""
+    overrides = list(overrides or [])
+    if config_name == "lora_sft":
+        problems = check_overrides(overrides)
+        if problems:
+            raise ConfigError(problems)
     _register_schemas()
     GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
-        cfg = hydra_compose(config_name=config_name, overrides=list(overrides or []))
+    try:
+        with initialize_config_module(config_module="nemotune.conf", version_base="1.3"):
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
+    except Exception as err:  # Hydra/OmegaConf: a bad value type, a malformed override
+        raise ConfigError([compose_error(err)]) from err
     return cfg
 
 
@@ -201,10 +248,7 @@ def hydra_cli(argv: Optional[List[str]], help_text: str) -> Optional[tuple]:
 
 
 def experiment_names() -> List[str]:
-    import nemotune.conf
-
-    root = Path(nemotune.conf.__file__).resolve().parent / "experiment"
-    return sorted(p.stem for p in root.glob("*.yaml"))
+    return sorted(p.stem for p in (conf_dir() / "experiment").glob("*.yaml"))
 
 
 def world_size(cfg: DictConfig) -> int:
@@ -222,8 +266,10 @@ def hf_config_of(cfg: DictConfig) -> dict:
     return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
-def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
-    """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable."""
+def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> None:
+    """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable.
+
+    `host_path` maps a path of the job to where this machine sees it (launch: a container job's mounts)."""
     problems: List[str] = []
     par, tr, sft = cfg.parallel, cfg.trainer, cfg.trainer.sft
     tp, pp, cp = par.tensor_model_parallel_size, par.pipeline_model_parallel_size, par.context_parallel_size
@@ -261,7 +307,7 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     world = world_size(cfg)
     model_parallel = max(tp, 1) * max(pp, 1) * max(cp, 1)
     # a world that is not a whole number of model replicas is reported by validate_cluster below
-    if world % model_parallel == 0:
+    if world >= 1 and world % model_parallel == 0:  # world < 1 (cluster.nodes=0) is validate_cluster's
         dp = world // model_parallel
         if tr.micro_batch_size >= 1 and tr.global_batch_size % (tr.micro_batch_size * dp):
             problems.append(f"trainer.global_batch_size={tr.global_batch_size}: must be divisible by "
@@ -302,21 +348,102 @@ def validate(cfg: DictConfig, *, check_files: bool = True) -> None:
     except ValueError as err:
         problems.append(f"peft.lora.target_modules: {err}")
     if check_files:
+        from nemotune.data_prep.tokenizer import looks_like_path, tokenizer_problem
+
+        seen = host_path or (lambda path: path)
         for key in ("model.hf_path", "model.checkpoint", "peft.restore_from"):
             value = OmegaConf.select(cfg, key)
-            if value and not Path(value).exists():
-                problems.append(f"{key}={value}: no such file or directory; fix the path "
+            if value and not Path(seen(value)).exists():
+                where = "" if seen(value) == value else f" (seen here as {seen(value)})"
+                problems.append(f"{key}={value}: no such file or directory{where}; fix the path "
                                 f"(base checkpoints come from `nemotune convert`)")
+        tokenizer = cfg.model.tokenizer
+        problem = tokenizer_problem(seen(tokenizer) if looks_like_path(tokenizer) else tokenizer) if tokenizer \
+            else None
+        if problem:
+            problems.append(problem.replace(f"={seen(tokenizer)}:", f"={tokenizer}:", 1))
     problems.extend(validate_cluster(cfg))
     if problems:
         raise ConfigError(problems)
-    import sys
-
     from nemotune.recipes.engine.plan import memory_warning  # a warning, never a problem: the plan is a model
 
     warning = memory_warning(cfg)
     if warning:
         print(warning, file=sys.stderr)
+
+
+PREP_KEYS = ("experiment", "data", "model", "tokenizer")
+
+
+def prep_command(overrides: Sequence[str] = ()) -> str:
+    """The `nemotune prep` that writes what a run with these overrides reads: the same experiment, data and
+    model choices and data.* / model.* settings (prep reads nothing else)."""
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~").split(".", 1)[0] in PREP_KEYS]
+    return " ".join(["nemotune prep", *(shlex.quote(o) for o in kept)])
+
+
+def needed_splits(cfg: DictConfig) -> List[tuple]:
+    """(key, split) pairs the run reads: the train and validation split of the run and of every stage."""
+    needed = [("trainer.train_split", cfg.trainer.train_split),
+              ("trainer.validation_split", cfg.trainer.validation_split)]
+    for stage in cfg.get("stages") or []:
+        for key in ("trainer.train_split", "trainer.validation_split"):
+            if key in stage.overrides:
+                needed.append((f"stages[{stage.name}].overrides.{key}", stage.overrides[key]))
+    seen, unique = set(), []
+    for key, split in needed:
+        if split not in seen:
+            seen.add(split)
+            unique.append((key, split))
+    return unique
+
+
+def split_problem(out: Any, manifest: dict, key: str, split: str, prep: str) -> Optional[str]:
+    """Why `split` cannot be read from the prepared dir `out` (None when it can), naming the splits it has."""
+    splits = list(manifest.get("splits") or [])
+    if split not in splits:
+        roles = manifest.get("split_roles") or {}
+        role = "train" if key.endswith("train_split") else "validation"
+        suggestion = roles.get(role) if roles.get(role) in splits else (splits[0] if splits else None)
+        fix = f"set {key}={suggestion}" if suggestion else f"prepare it: `{prep}`"
+        return (f"{key}={split}: {out} has no split {split!r}; it has {', '.join(splits) or 'none'}; {fix} "
+                f"(or prepare the splits you want with data.split_names / data.resplit)")
+    return None
+
+
+def prepared_data_problems(cfg: DictConfig, overrides: Sequence[str] = (), host_path=None) -> List[str]:
+    """What training will read from data.output_dir, checked before any process starts: the manifest, every
+    split it trains or validates on, and the packed file of each. `host_path` maps the job's path to where
+    this machine sees it (a container job's mounts); the fix names the prep command to run."""
+    import json
+
+    from nemotune.data_prep import formats
+
+    out = str(cfg.data.output_dir)
+    seen = Path(host_path(out)) if host_path else Path(out)
+    where = "" if str(seen) == out else f" (seen here as {seen})"
+    prep = prep_command(overrides)
+    if not (seen / formats.MANIFEST).is_file():
+        return [f"data.output_dir={out}: no prepared data (no {formats.MANIFEST}{where}); run `{prep}` first"]
+    try:
+        manifest = json.loads((seen / formats.MANIFEST).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return [f"data.output_dir={out}: unreadable {formats.MANIFEST} ({err}); rerun `{prep}`"]
+    problems = []
+    for key, split in needed_splits(cfg):
+        problem = split_problem(out, manifest, key, split, prep)
+        if problem:
+            problems.append(problem)
+        elif cfg.data.packing:
+            packed = formats.packed_path(seen, split, cfg.data.pack_size, cfg.data.seed)
+            if not packed.is_file():
+                problems.append(f"data.pack_size={cfg.data.pack_size}: {out} has no {split} packs for pack_size "
+                                f"{cfg.data.pack_size} / data.seed={cfg.data.seed} ({packed.name}); use the "
+                                f"values it was prepared with or rerun `{prep}`")
+        elif not formats.tokenized_path(seen, split).is_file():
+            problems.append(f"{key}={split}: {out} lists split {split!r} but has no "
+                            f"{formats.tokenized_path(out, split).name}; rerun `{prep}`")
+    return problems
 
 
 def _divisors(n: int) -> List[int]:

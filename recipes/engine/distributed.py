@@ -71,6 +71,12 @@ def _current_layout() -> tuple:
 
 
 def destroy_distributed() -> None:
+    import sys
+
+    if "megatron.core.parallel_state" not in sys.modules:  # never set up (a refused config): nothing to import
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        return
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
@@ -80,7 +86,11 @@ def destroy_distributed() -> None:
 
 
 def rank() -> int:
-    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    """This process's global rank; before the process group exists, the launcher's RANK (torchrun sets it), so
+    rank-0-only output stays rank-0-only from the first line."""
+    if torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", "0"))
 
 
 def world_size() -> int:

@@ -69,6 +69,37 @@ def accelerator() -> str:
     return "cuda" if on_gpu() else "cpu"
 
 
+# megatron-core warns at import, from four of its modules (and again in every rank), that Transformer Engine and
+# Apex are missing: one fact, said once per command by quiet_import_warnings().
+APEX_TE_MISSING = "Transformer Engine and Apex are not installed"
+_said_apex_te = False
+
+
+def quiet_import_warnings() -> None:
+    """Let megatron-core's "Transformer Engine and Apex are not installed" warning through once per command:
+    the first occurrence on rank 0 (torchrun's RANK), reworded to cover all of them; the rest are dropped.
+    Idempotent; other warnings pass unchanged."""
+    import os
+    import warnings
+
+    previous = warnings.showwarning
+    if getattr(previous, "nemotune_once", False):
+        return
+
+    def showwarning(message, category, filename, lineno, file=None, line=None):
+        global _said_apex_te
+        if APEX_TE_MISSING in str(message):
+            if _said_apex_te or os.environ.get("RANK", "0") != "0":
+                return
+            _said_apex_te = True
+            message = category(f"{APEX_TE_MISSING}: megatron-core uses its PyTorch fallbacks (optimizers, "
+                               "multi-tensor ops); said once per command")
+        previous(message, category, filename, lineno, file, line)
+
+    showwarning.nemotune_once = True
+    warnings.showwarning = showwarning
+
+
 def cpu_mode() -> bool:
     """True when megatron runs on the CPU in this process (no CUDA device)."""
     return not on_gpu()
