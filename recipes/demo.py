@@ -13,6 +13,7 @@ import argparse
 import json
 import math
 import os
+import resource
 import shlex
 import subprocess
 import sys
@@ -28,17 +29,25 @@ EXPERIMENT = "tiny_demo"
 BASE_MODEL_KWARGS = {"init_std": 0.1}
 EVAL_LIMIT, MAX_NEW_TOKENS = 48, 48
 QUICK_TRAIN_STEPS, QUICK_EVAL_LIMIT, QUICK_MAX_NEW_TOKENS = 12, 8, 16
-# Written into --work by the demo; a directory without it is someone else's and is never replaced.
+# Written into --work by the demo. A directory holding anything else than MARKER or the demo's own entries
+# (what demos before the marker left) is someone else's and is never replaced.
 MARKER = ".nemotune-demo"
+DEMO_ENTRIES = {MARKER, "prep", "tiny_base", "tiny_base_mcore", "runs", "export", "eval"}
 # Higher is better for every metric but the length ratio, whose target is 1 (as long as the reference).
 LENGTH_RATIO = "length_ratio"
 
 
+def _children_cpu_seconds() -> float:
+    """CPU seconds (user + system) of every finished child process: wall time alone misleads on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _run(title: str, argv: list[str], timings: list, env: dict | None = None) -> None:
     print(f"\n=== {title}\n$ {' '.join(shlex.quote(a) for a in argv)}", flush=True)
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), _children_cpu_seconds()
     result = subprocess.run(argv, env={**os.environ, **(env or {})})
-    timings.append((title, time.perf_counter() - start))
+    timings.append((title, time.perf_counter() - start, _children_cpu_seconds() - cpu_start))
     if result.returncode != 0:
         raise SystemExit(f"demo: step '{title}' failed with exit code {result.returncode}")
 
@@ -115,35 +124,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _prepare_work(work: Path) -> None:
-    """Replace a previous demo's directory; refuse any other existing, non-empty one."""
+def _prepare_work(work: Path) -> str | None:
+    """Replace a previous demo's directory and mark the new one; the refusal message for any other path."""
     if work.exists():
-        if not work.is_dir() or (any(work.iterdir()) and not (work / MARKER).is_file()):
-            raise SystemExit(f"demo: --work {work} exists and was not made by the demo (no {MARKER} in it); "
-                             "choose another --work directory")
+        foreign = sorted(p.name for p in work.iterdir() if p.name not in DEMO_ENTRIES) if work.is_dir() else []
+        if not work.is_dir() or (foreign and not (work / MARKER).is_file()):
+            return (f"demo: --work {work} exists and was not made by the demo ({(foreign or [work.name])[0]!r} is "
+                    "not the demo's); nothing was changed. Fix: choose a new or empty --work directory")
         import shutil
 
         shutil.rmtree(work)
     work.mkdir(parents=True)
     (work / MARKER).write_text("made by nemotune demo; the next demo run replaces this directory\n")
+    return None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    eval_limit = args.eval_limit or (QUICK_EVAL_LIMIT if args.quick else EVAL_LIMIT)
-    max_new_tokens = args.max_new_tokens or (QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS)
+    eval_limit = args.eval_limit if args.eval_limit is not None else QUICK_EVAL_LIMIT if args.quick else EVAL_LIMIT
+    max_new_tokens = (args.max_new_tokens if args.max_new_tokens is not None
+                      else QUICK_MAX_NEW_TOKENS if args.quick else MAX_NEW_TOKENS)
     if eval_limit < 1 or max_new_tokens < 1:
-        print("demo: --eval-limit and --max-new-tokens must be >= 1", file=sys.stderr)
+        print(f"demo: --eval-limit {eval_limit} / --max-new-tokens {max_new_tokens}: both must be >= 1",
+              file=sys.stderr)
         return 2
     work = Path(args.work).resolve()
-    try:
-        _prepare_work(work)
-    except SystemExit as err:
-        print(err, file=sys.stderr)
+    refusal = _prepare_work(work)
+    if refusal:
+        print(refusal, file=sys.stderr)
         return 2
     prep, base, mcore = work / "prep", work / "tiny_base", work / "tiny_base_mcore"
     runs, exports, report = work / "runs", work / "export", work / "eval"
-    timings: list[tuple[str, float]] = []
+    timings: list[tuple[str, float, float]] = []
     env = {"OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     data = ["data=fiqa_sample", "data.resplit=true", f"data.output_dir={prep}"]
 
@@ -188,10 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         print(f"  stage {stage['stage']}: {stage['steps']} steps, final val_loss {stage['val_loss']:.4f}")
     print("\n" + (report / "summary.md").read_text())
-    print("time per step:")
-    for title, seconds in timings:
-        print(f"  {title:<62} {seconds:7.1f} s")
-    print(f"  {'total':<62} {sum(s for _, s in timings):7.1f} s\n")
+    print(f"time per step (wall; CPU = user + system seconds of its processes; load average now "
+          f"{os.getloadavg()[0]:.1f}):")
+    for title, seconds, cpu in timings:
+        print(f"  {title:<62} {seconds:7.1f} s   CPU {cpu:7.1f} s")
+    print(f"  {'total':<62} {sum(t[1] for t in timings):7.1f} s   CPU {sum(t[2] for t in timings):7.1f} s\n")
     for line in verdict_lines(summary):
         print(line)
     return 0
