@@ -109,6 +109,15 @@ def verdict_lines(summary: Mapping) -> list[str]:
     return lines
 
 
+def example_lines(predictions: Path, width: int = 150) -> list[str]:
+    """The first held-out example's reference and both answers, one line each, cut to `width` characters."""
+    with predictions.open(encoding="utf-8") as f:
+        row = json.loads(f.readline())
+    return [f"  {label:<10} {' '.join(str(row[key]).split())[:width]!r}"
+            for label, key in (("question", "prompt"), ("reference", "reference"), ("base", "base"),
+                               ("LoRA", "lora"))]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="nemotune demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -200,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     for stage in stages:
         print(f"  stage {stage['stage']}: {stage['steps']} steps, final val_loss {stage['val_loss']:.4f}")
     print("\n" + (report / "summary.md").read_text())
+    print("one held-out example (greedy; the random base babbles; the LoRA has begun to pick up the answers' common words):")
+    print("\n".join(example_lines(report / "predictions.jsonl")) + "\n")
     print(f"time per step (wall; CPU = user + system seconds of its processes; load average now "
           f"{os.getloadavg()[0]:.1f}):")
     for title, seconds, cpu in timings:

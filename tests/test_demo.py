@@ -89,6 +89,16 @@ def test_verdict_lines_say_plainly_whether_fine_tuning_worked():
     assert "(NOT lower)" in higher[1] and higher[-1].endswith("the held-out answer loss did not fall")
 
 
+def test_example_lines_show_the_first_prediction_on_one_line_each(tmp_path):
+    predictions = tmp_path / "predictions.jsonl"
+    rows = [{"prompt": "Should I refinance?", "reference": "It helps to\nseparate " + "x" * 300,
+             "base": "new stock\x07ank", "lora": "and you have the"}, {"prompt": "second"}]
+    predictions.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    lines = demo.example_lines(predictions, width=20)
+    assert lines == ["  question   'Should I refinance?'", "  reference  'It helps to separate'",
+                     "  base       'new stock\\x07ank'", "  LoRA       'and you have the'"]
+
+
 def test_work_dir_of_a_previous_demo_is_replaced_and_any_other_is_refused(tmp_path):
     previous = tmp_path / "previous"
     (previous / "runs").mkdir(parents=True)
@@ -121,7 +131,7 @@ def test_quick_demo_runs_every_step_and_ends_with_the_verdicts(tmp_path):
     assert summary["n_examples"] == demo.QUICK_EVAL_LIMIT
     assert (work / "export" / "lora.nemo").is_file() and (work / "export" / "peft" / "adapter_config.json").is_file()
     tail = out[out.index("nemotune demo: done"):]
-    for line in demo.verdict_lines(summary):
+    for line in demo.verdict_lines(summary) + demo.example_lines(work / "eval" / "predictions.jsonl"):
         assert line in tail
     losses = {engine: (float(base), float(lora)) for engine, base, lora, _ in LOSS_LINE.findall(tail)}
     assert set(losses) == {"hf", "megatron"}
