@@ -24,7 +24,6 @@ from nemotune.converters.formats.checkpoint import (
     SAFETENSORS_DTYPES,
     ConversionError,
     read_into,
-    atomic_output,
     copy_auxiliary_files,
     inspect_hf_checkpoint,
     load_dist_checkpoint,
@@ -36,6 +35,15 @@ from nemotune.converters.formats.checkpoint import (
     write_tar,
 )
 from nemotune.converters.formats.mapping import NEMO_PREFIX, LlamaDims, megatron_to_hf_views
+from nemotune.converters.formats.outputs import output_target
+
+VERB = "convert"
+
+
+def _output(out, *, inputs, overwrite: bool, is_dir: bool = True):
+    """Where a conversion writes (see nemotune.converters.formats.outputs): refusals are ConversionErrors."""
+    return output_target(out, verb=VERB, overwrite=overwrite, is_dir=is_dir, inputs=inputs,
+                         error=ConversionError)
 
 
 def _param_spec(state_dict: Mapping[str, Any]) -> str:
@@ -135,6 +143,17 @@ def _bytes(size: int | str) -> int:
     return int(text)
 
 
+def _check_output(out, inputs, overwrite: bool, *, is_dir: bool = True) -> None:
+    """Refuse an output path before any model is built (the same checks run again when writing)."""
+    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+
+    try:
+        check_not_input(Path(out), inputs, verb=VERB)
+        refuse_existing(Path(out), VERB, overwrite, "--overwrite")
+    except OutputError as err:
+        raise ConversionError(str(err)) from None
+
+
 def build_conversion_model(hf: Mapping[str, Any], dtype: torch.dtype = torch.float32):
     """A TP=1/PP=1 GPTModel with uninitialised parameters (a world of one is started if needed)."""
     from nemotune.recipes.engine.model import build_gpt_model
@@ -155,8 +174,9 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overw
                    progress: bool = True) -> Path:
     """HF Llama dir -> Megatron checkpoint dir (dist checkpoint in ``weights/``, HF config + tokenizer beside)."""
     hf_dir = Path(hf_dir)
+    _check_output(out_dir, [hf_dir], overwrite)
     hf, model, dtype = _model_from_hf(hf_dir, dtype, progress)
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+    with _output(out_dir, inputs=[hf_dir], overwrite=overwrite) as tmp:
         save_dist_checkpoint(model, tmp / "weights")
         copy_auxiliary_files(hf_dir, tmp)
         (tmp / MARKER_NAME).write_text(_marker("megatron-dist", hf, hf_dir, dtype))
@@ -169,8 +189,9 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
     import yaml
 
     hf_dir = Path(hf_dir)
+    _check_output(out_path, [hf_dir], overwrite, is_dir=False)
     hf, model, dtype = _model_from_hf(hf_dir, dtype, progress)
-    with atomic_output(out_path, overwrite=overwrite, is_dir=False) as tmp_file:
+    with _output(out_path, inputs=[hf_dir], overwrite=overwrite, is_dir=False) as tmp_file:
         staging = tmp_file.parent / "staging"
         save_dist_checkpoint(model, staging / "model_weights", prefix=NEMO_PREFIX)
         config = nemo_model_config(hf, tokenizer_type=json.loads((hf_dir / "config.json").read_text()).get(
@@ -179,7 +200,7 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
         (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "hf").mkdir()
         copy_auxiliary_files(hf_dir, staging / "hf")
-        write_tar(staging, tmp_file)
+        write_tar(staging, tmp_file, verb=VERB)
         shutil.rmtree(staging)
     return Path(out_path)
 
@@ -198,6 +219,8 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
 
     ``hf_dir`` optionally supplies config/tokenizer files when the checkpoint carries none.
     """
+    inputs = [ckpt, hf_dir]
+    _check_output(out_dir, inputs, overwrite)
     with open_megatron_checkpoint(ckpt) as (hf, weights, prefix, aux):
         dims = LlamaDims.from_hf(hf)
         marker = json.loads((aux / MARKER_NAME).read_text()) if aux and (aux / MARKER_NAME).is_file() else {}
@@ -211,7 +234,7 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
                  for name, tensor in state.items() if not name.endswith("_extra_state")
                  for hf_name, view in megatron_to_hf_views(name, tensor, dims, spec)]
         named.sort(key=lambda item: _hf_order(item[0]))
-        with atomic_output(out_dir, overwrite=overwrite) as tmp:
+        with _output(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
             write_hf_shards(named, tmp, max_shard_size=_bytes(max_shard_size), progress=progress)
             source = Path(hf_dir) if hf_dir else aux
             if source is not None:

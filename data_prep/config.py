@@ -47,6 +47,7 @@ class DataConfig:
     system_prompt: Optional[str] = FIQA_SYSTEM_PROMPT
     system_prompt_mode: str = "none"  # none | thinking_on | thinking_off (Nemotron "detailed thinking" line)
     output_dir: str = "work/prep/${data.name}"
+    overwrite: bool = False  # replace output_dir when it holds a previous `nemotune prep` output
     max_seq_length: int = 4096
     truncation: str = "drop"  # drop | truncate_prompt
     packing: bool = True

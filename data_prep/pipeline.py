@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from nemotune.converters.formats.outputs import output_target
 from nemotune.data_prep import formats, packing, templating
 from nemotune.data_prep.config import DataConfig
 from nemotune.data_prep.formats import DataPrepError
@@ -24,7 +25,9 @@ CHUNK = 32
 MAX_LISTED_PROBLEMS = 50
 # Keys that change how prep runs but never what it writes: left out of config.json/manifest so outputs are
 # byte-identical across num_proc and output locations.
-EXECUTION_ONLY_KEYS = ("num_proc", "output_dir", "validate_only", "skip_bad")
+EXECUTION_ONLY_KEYS = ("num_proc", "output_dir", "overwrite", "validate_only", "skip_bad")
+VERB = "prep"
+OVERWRITE_HINT = "data.overwrite=true"
 
 
 @dataclass
@@ -148,6 +151,8 @@ def prep_config_dict(cfg: DataConfig, tokenizer_name: str) -> dict:
 def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, skip_bad: bool = False,
         quiet: bool = False) -> PrepResult:
     """Prepare `cfg` with the tokenizer `tokenizer_name` into cfg.output_dir (atomically), or just validate."""
+    if not validate_only:
+        _check_output(cfg, tokenizer_name)
     loaded = load_rows(cfg)
     examples, problems = to_examples(loaded, cfg)
     if validate_only:
@@ -178,7 +183,8 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
                 "tokenizer": tokenizer_fingerprint(tokenizer), "prep_config": prep_config_dict(cfg, tokenizer_name),
                 "counts": {}, "length_stats": {}, "packing": {}, "dropped": {}}
     summary = []
-    with formats.atomic_output_dir(out) as tmp:
+    with output_target(out, verb=VERB, overwrite=cfg.overwrite, inputs=_inputs(cfg, tokenizer_name),
+                       overwrite_hint=OVERWRITE_HINT, quiet=quiet, error=DataPrepError) as tmp:
         split_rows = []
         for example in examples:
             split_rows.append(f"{example.id},{example.split},{example.source},{example.line}\n")
@@ -196,6 +202,22 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
     if not quiet:
         print_summary(summary, out, len(rejects), skip_bad)
     return PrepResult(out, problems, manifest, summary)
+
+
+def _inputs(cfg: DataConfig, tokenizer_name: str) -> list:
+    """Local paths prep reads: the output may be none of them, nor inside or around one."""
+    return [cfg.path, tokenizer_name if Path(tokenizer_name).exists() else None]
+
+
+def _check_output(cfg: DataConfig, tokenizer_name: str) -> None:
+    """Refuse the output dir before anything is read (the same checks run again when writing)."""
+    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+
+    try:
+        check_not_input(Path(cfg.output_dir), _inputs(cfg, tokenizer_name), verb=VERB)
+        refuse_existing(Path(cfg.output_dir), VERB, cfg.overwrite, OVERWRITE_HINT)
+    except OutputError as err:
+        raise DataPrepError(str(err)) from None
 
 
 def _write_split(tmp: Path, split: str, examples, encoded, cfg: DataConfig, pad_id: int, manifest: dict,

@@ -148,6 +148,9 @@ class Checkpointer:
     def load(self, trainer, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
+        from nemotune.converters.formats.safe_pickle import check_checkpoint_files
+
+        check_checkpoint_files(ckpt)  # megatron / torch unpickle its .metadata: refuse anything but data first
         payload = json.loads((ckpt / STATE_FILE).read_text())
         saved_base = payload.get("base_model", {})
         if saved_base.get("sha256") and self.base_reference.get("sha256") and \
