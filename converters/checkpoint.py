@@ -145,11 +145,11 @@ def _bytes(size: int | str) -> int:
 
 def _check_output(out, inputs, overwrite: bool, *, is_dir: bool = True) -> None:
     """Refuse an output path before any model is built (the same checks run again when writing)."""
-    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+    from nemotune.converters.formats.outputs import OutputError, preflight
 
     try:
-        check_not_input(Path(out), inputs, verb=VERB)
-        refuse_existing(Path(out), VERB, overwrite, "--overwrite")
+        preflight(Path(out), verb=VERB, inputs=inputs, overwrite=overwrite,
+                  overwrite_hint="--overwrite")
     except OutputError as err:
         raise ConversionError(str(err)) from None
 
@@ -259,8 +259,20 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, bat
     """
     from transformers import AutoModelForCausalLM
 
+    for name, value, least in (("--seq-len", seq_len, 1), ("--batch-size", batch_size, 1)):
+        if int(value) < least:
+            raise ConversionError(f"{name} {value}: must be >= {least} (the batch of random tokens compared)")
+    if not tolerance >= 0:
+        raise ConversionError(f"--tolerance {tolerance}: must be >= 0, e.g. 1e-5")
+    hf_config, hf_shapes = _hf_shapes(Path(hf_dir))
+    if seq_len > hf_config["max_position_embeddings"]:
+        raise ConversionError(f"--seq-len {seq_len}: longer than max_position_embeddings "
+                              f"{hf_config['max_position_embeddings']} of {Path(hf_dir) / 'config.json'}")
+    with open_megatron_checkpoint(ckpt) as (hf, weights, prefix, aux):
+        _check_same_model(Path(hf_dir), hf_config, hf_shapes, Path(ckpt), hf)
+        model = build_conversion_model(hf, torch.float32)
+        load_dist_checkpoint(model, weights, prefix=prefix)
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf, model = megatron_model_from_checkpoint(ckpt, dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="nemotune-verify-") as tmp:
         if adapter is not None:
             hf_model = _with_peft_adapter(hf_model, adapter, peft_dir, Path(tmp))
@@ -273,6 +285,35 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, bat
             expected = hf_model(input_ids=input_ids).logits.float()
             actual = model(input_ids, position_ids, attention_mask=None).float()
     return (expected - actual).abs().max().item()
+
+
+def _hf_shapes(hf_dir: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(validated HF config, tensor name -> shape) of an HF checkpoint dir, from its headers only."""
+    from nemotune.converters.formats.checkpoint import read_safetensors_header
+
+    hf, weight_map, _ = inspect_hf_checkpoint(hf_dir)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(weight_map.values())):
+        shapes.update({name: tuple(shape) for name, (_, shape) in read_safetensors_header(shard).items()})
+    return hf, shapes
+
+
+def _check_same_model(hf_dir: Path, hf_config: Mapping, hf_shapes: Mapping[str, tuple[int, ...]], ckpt: Path,
+                      ckpt_hf: Mapping) -> None:
+    """Refuse comparing two different models: name the first tensor whose shape differs, with both shapes."""
+    from nemotune.converters.formats.mapping import expected_hf_shapes
+
+    ours = expected_hf_shapes(LlamaDims.from_hf(ckpt_hf))
+    extra = {name: None for name in expected_hf_shapes(LlamaDims.from_hf(hf_config)) if name not in ours}
+    for name, shape in {**ours, **extra}.items():
+        found = hf_shapes.get(name)
+        if shape is None or found is None or tuple(found) != tuple(shape):
+            theirs = "absent" if found is None else str(list(found))
+            mine = "absent" if shape is None else str(list(shape))
+            raise ConversionError(
+                f"{ckpt} is not a checkpoint of {hf_dir}: {name} is {mine} in {ckpt} but {theirs} in "
+                f"{hf_dir}; pass the checkpoint converted from this model (nemotune convert hf-to-megatron "
+                f"--hf {hf_dir} --out DIR)")
 
 
 def _with_peft_adapter(hf_model, adapter, peft_dir, tmp: Path):

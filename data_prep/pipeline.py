@@ -211,11 +211,11 @@ def _inputs(cfg: DataConfig, tokenizer_name: str) -> list:
 
 def _check_output(cfg: DataConfig, tokenizer_name: str) -> None:
     """Refuse the output dir before anything is read (the same checks run again when writing)."""
-    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+    from nemotune.converters.formats.outputs import OutputError, preflight
 
     try:
-        check_not_input(Path(cfg.output_dir), _inputs(cfg, tokenizer_name), verb=VERB)
-        refuse_existing(Path(cfg.output_dir), VERB, cfg.overwrite, OVERWRITE_HINT)
+        preflight(Path(cfg.output_dir), verb=VERB, inputs=_inputs(cfg, tokenizer_name), overwrite=cfg.overwrite,
+                  overwrite_hint=OVERWRITE_HINT)
     except OutputError as err:
         raise DataPrepError(str(err)) from None
 

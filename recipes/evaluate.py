@@ -172,11 +172,12 @@ def _eval_inputs(cfg: DictConfig) -> list:
 
 def _out_dir_problems(cfg: DictConfig) -> List[str]:
     """out_dir may be new, or a previous eval report with eval.overwrite=true; never an input or around one."""
-    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+    from nemotune.converters.formats.outputs import OutputError, preflight
 
     try:
-        check_not_input(Path(cfg.out_dir), _eval_inputs(cfg), verb=EVAL_VERB)
-        refuse_existing(Path(cfg.out_dir), EVAL_VERB, bool(cfg.eval.overwrite), "eval.overwrite=true")
+        preflight(Path(cfg.out_dir), verb=EVAL_VERB, inputs=_eval_inputs(cfg),
+                  overwrite=bool(cfg.eval.overwrite),
+                  overwrite_hint="eval.overwrite=true")
     except OutputError as err:
         return [f"out_dir={cfg.out_dir}: {err}"]
     return []

@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
+from nemotune.converters.formats.hf_config import read_config_json
 from nemotune.converters.formats.mapping import LlamaDims, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 log = logging.getLogger("nemotune.converters")
@@ -104,11 +105,11 @@ EXPORT_VERB = "export"
 
 def _check_export_output(out, inputs, overwrite: bool) -> None:
     """Refuse an export's output path before anything is read (the same checks run again when writing)."""
-    from nemotune.converters.formats.outputs import OutputError, check_not_input, refuse_existing
+    from nemotune.converters.formats.outputs import OutputError, preflight
 
     try:
-        check_not_input(Path(out), inputs, verb=EXPORT_VERB)
-        refuse_existing(Path(out), EXPORT_VERB, overwrite, "--overwrite")
+        preflight(Path(out), verb=EXPORT_VERB, inputs=inputs, overwrite=overwrite,
+                  overwrite_hint="--overwrite")
     except OutputError as err:
         raise AdapterError(str(err)) from None
 
@@ -241,7 +242,7 @@ def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Pat
         raise AdapterError(f"variant={variant!r}: use one of {list(VARIANTS)}")
     if (path / ADAPTER_WEIGHTS).is_file():
         state = load_file(str(path / ADAPTER_WEIGHTS))
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = read_config_json(path / ADAPTER_CONFIG)
         config["variant"] = variant_of(config)
         validate_adapter(state, config)
     elif (path / ADAPTER_CONFIG).is_file():
@@ -403,7 +404,7 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
     """An HF PEFT LoRA dir as the canonical variant: one (A, B) per HF module, tensors unchanged."""
     from safetensors.torch import load_file
 
-    peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    peft_config = read_config_json(path / ADAPTER_CONFIG)
     if peft_config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters are supported")
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if peft_config.get(k)]

@@ -29,7 +29,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from nemotune.converters.formats.hf_config import load_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config, read_config_json
 from nemotune.converters.formats.outputs import MARKER as OUTPUT_MARKER
 from nemotune.converters.formats.safe_pickle import check_checkpoint_files
 from nemotune.converters.formats.mapping import (
@@ -60,7 +60,10 @@ def read_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         config_file = Path(path_or_dict) / "config.json"
         if not config_file.is_file():
             raise ConversionError(f"{path_or_dict}: no config.json (expected a Hugging Face checkpoint directory)")
-        raw = json.loads(config_file.read_text())
+        try:
+            raw = read_config_json(config_file)
+        except ValueError as err:
+            raise ConversionError(str(err)) from err
     try:
         return load_hf_config(raw)
     except ValueError as err:
@@ -119,7 +122,9 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
     """tensor name -> shard file, from the index or the single ``model.safetensors``."""
     index = hf_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no weight_map object; re-download this file")
         return {name: hf_dir / shard for name, shard in weight_map.items()}
     shards = sorted(hf_dir.glob("*.safetensors"))
     if not shards:

@@ -222,6 +222,28 @@ def _writable_parent(out: Path, verb: str) -> None:
         raise OutputError(f"{out}: cannot write in {parent} ({reason}); choose a writable output path")
 
 
+def _check_writable(out: Path) -> None:
+    """The nearest existing folder above ``out`` must be writable (nothing is created here)."""
+    ancestor = out.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{out}: {ancestor} is not a folder; choose another output path")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        reason = "read-only file system" if _read_only(ancestor) else "permission denied"
+        raise OutputError(f"{out}: cannot write in {ancestor} ({reason}); choose a writable output path")
+
+
+def preflight(out: str | Path, *, verb: str, inputs: Iterable = (), overwrite: bool = False,
+              overwrite_hint: str = "--overwrite") -> None:
+    """Every refusal :func:`output_target` would make, checked before a verb reads or computes anything:
+    the target is no input, lies on a writable file system, and is new or a replaceable previous output."""
+    out = Path(out)
+    check_not_input(out, inputs, verb=verb)
+    _check_writable(out)
+    refuse_existing(out, verb, overwrite, overwrite_hint)
+
+
 def _read_only(path: Path) -> bool:
     try:
         return bool(os.statvfs(path).f_flag & os.ST_RDONLY)
