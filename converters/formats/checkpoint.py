@@ -31,7 +31,7 @@ import torch
 
 from nemotune.converters.formats.hf_config import load_hf_config, read_config_json
 from nemotune.converters.formats.outputs import MARKER as OUTPUT_MARKER
-from nemotune.converters.formats.safe_pickle import check_checkpoint_files
+from nemotune.converters.formats.safe_pickle import UnsafeFileError, check_checkpoint_files
 from nemotune.converters.formats.mapping import (
     NEMO_PREFIX,
     LlamaDims,
@@ -466,7 +466,10 @@ def open_megatron_checkpoint(path: str | Path) -> Iterator[tuple[dict, Path, str
         with tempfile.TemporaryDirectory(prefix="nemotune-nemo-") as tmp:
             safe_extract(path, Path(tmp))
             root = Path(tmp)
-            _check_nemo_root(root, path)
+            try:
+                _check_nemo_root(root, path)
+            except UnsafeFileError as err:  # name the member inside the .nemo, not the temporary copy
+                raise ConversionError(str(err).replace(f"{root}/", f"{path}:")) from None
             yield _nemo_hf_config(root), root / "model_weights", NEMO_PREFIX, _nemo_aux_dir(root)
         return
     if not path.exists():

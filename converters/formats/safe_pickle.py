@@ -34,7 +34,10 @@ _ALLOWED: dict[str, frozenset[str]] = {
         "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
         "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING"}),
     "torch.distributed.checkpoint.filesystem": frozenset({"_StorageInfo"}),
-    "torch.distributed.checkpoint.planner": frozenset({"LoadItemType", "WriteItemType"}),
+    "torch.distributed.checkpoint.planner": frozenset({  # the cached save plans megatron keeps with the metadata
+        "SavePlan", "LoadPlan", "WriteItem", "ReadItem", "TensorWriteData", "BytesIOWriteData", "WriteItemType",
+        "LoadItemType"}),
+    "megatron.core.dist_checkpointing.strategies.torch": frozenset({"MCoreSavePlan"}),  # an empty class
     "numpy": frozenset({"ndarray", "dtype"}),
     "numpy.core.multiarray": frozenset({"_reconstruct", "scalar"}),
     "numpy._core.multiarray": frozenset({"_reconstruct", "scalar"}),
