@@ -416,7 +416,9 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
     if (path / PEFT_WEIGHTS).is_file():
         peft_state = load_file(str(path / PEFT_WEIGHTS))
     elif (path / "adapter_model.bin").is_file():
-        peft_state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        from nemotune.converters.formats.safe_pickle import torch_load
+
+        peft_state = torch_load(path / "adapter_model.bin")
     else:
         raise AdapterError(f"{path}: no {PEFT_WEIGHTS}")
     hf = _base_config_for(peft_config, base_config)
@@ -550,7 +552,12 @@ def read_nemo_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     with tempfile.TemporaryDirectory(prefix="nemotune-lora-") as tmp:
         safe_extract(Path(path), Path(tmp))
-        weights = torch.load(Path(tmp) / "model_weights.ckpt", map_location="cpu", weights_only=True)
+        from nemotune.converters.formats.safe_pickle import torch_load
+
+        try:
+            weights = torch_load(Path(tmp) / "model_weights.ckpt")
+        except ValueError as err:  # name the member inside the .nemo, not the temporary copy
+            raise AdapterError(str(err).replace(f"{tmp}/", f"{path}:")) from None
         config = yaml.safe_load((Path(tmp) / "model_config.yaml").read_text())
     return weights, config
 

@@ -306,6 +306,7 @@ def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
     """Load a dist checkpoint into ``model`` under the current TP/PP (the checkpoint's own TP/PP is irrelevant)."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_files(ckpt_dir)  # megatron / torch unpickle its files: only data may be in them
     sharded = _loadable_sharded_state_dict(model, prefix)
     available = set(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
     for tensor in sharded.values():

@@ -116,6 +116,14 @@ def load_npy(path: str | Path):
     return array
 
 
+def torch_load(path: str | Path) -> Any:
+    """``torch.load(weights_only=True)`` on the CPU; a refused or damaged file is an UnsafeFileError naming it."""
+    import torch
+
+    _torch_load_check(Path(path), str(path))
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
 # ---- checkpoint directories --------------------------------------------------------------------------------
 
 def _torch_load_check(data: bytes | Path, label: str) -> None:
