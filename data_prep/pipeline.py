@@ -25,9 +25,7 @@ CHUNK = 32
 MAX_LISTED_PROBLEMS = 50
 # Keys that change how prep runs but never what it writes: left out of config.json/manifest so outputs are
 # byte-identical across num_proc and output locations.
-EXECUTION_ONLY_KEYS = ("num_proc", "output_dir", "overwrite", "validate_only", "skip_bad")
-VERB = "prep"
-OVERWRITE_HINT = "data.overwrite=true"
+EXECUTION_ONLY_KEYS = ("num_proc", "output_dir", "validate_only", "skip_bad")
 
 
 @dataclass
@@ -202,6 +200,11 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
     if not quiet:
         print_summary(summary, out, len(rejects), skip_bad)
     return PrepResult(out, problems, manifest, summary)
+
+
+VERB = "prep"
+OVERWRITE_HINT = "data.overwrite=true"
+EXECUTION_ONLY_KEYS = (*EXECUTION_ONLY_KEYS, "overwrite")  # whether to replace an output, not what it holds
 
 
 def _inputs(cfg: DataConfig, tokenizer_name: str) -> list:
