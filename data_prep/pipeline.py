@@ -182,7 +182,7 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
                 "counts": {}, "length_stats": {}, "packing": {}, "dropped": {}}
     summary = []
     with output_target(out, verb=VERB, overwrite=cfg.overwrite, inputs=_inputs(cfg, tokenizer_name),
-                       overwrite_hint=OVERWRITE_HINT, quiet=quiet, error=DataPrepError) as tmp:
+                       overwrite_hint=OVERWRITE_HINT, error=DataPrepError) as tmp:
         split_rows = []
         for example in examples:
             split_rows.append(f"{example.id},{example.split},{example.source},{example.line}\n")
