@@ -24,7 +24,6 @@ from nemotune.converters.formats.checkpoint import (
     SAFETENSORS_DTYPES,
     ConversionError,
     read_into,
-    atomic_output,
     copy_auxiliary_files,
     inspect_hf_checkpoint,
     load_dist_checkpoint,
@@ -36,6 +35,15 @@ from nemotune.converters.formats.checkpoint import (
     write_tar,
 )
 from nemotune.converters.formats.mapping import NEMO_PREFIX, LlamaDims, megatron_to_hf_views
+from nemotune.converters.formats.outputs import output_target
+
+VERB = "convert"
+
+
+def _output(out, *, inputs, overwrite: bool, is_dir: bool = True):
+    """Where a conversion writes (see nemotune.converters.formats.outputs): refusals are ConversionErrors."""
+    return output_target(out, verb=VERB, overwrite=overwrite, is_dir=is_dir, inputs=inputs,
+                         error=ConversionError)
 
 
 def _param_spec(state_dict: Mapping[str, Any]) -> str:
@@ -135,6 +143,17 @@ def _bytes(size: int | str) -> int:
     return int(text)
 
 
+def _check_output(out, inputs, overwrite: bool, *, is_dir: bool = True) -> None:
+    """Refuse an output path before any model is built (the same checks run again when writing)."""
+    from nemotune.converters.formats.outputs import OutputError, preflight
+
+    try:
+        preflight(Path(out), verb=VERB, inputs=inputs, overwrite=overwrite,
+                  overwrite_hint="--overwrite")
+    except OutputError as err:
+        raise ConversionError(str(err)) from None
+
+
 def build_conversion_model(hf: Mapping[str, Any], dtype: torch.dtype = torch.float32):
     """A TP=1/PP=1 GPTModel with uninitialised parameters (a world of one is started if needed)."""
     from nemotune.recipes.engine.model import build_gpt_model
@@ -155,8 +174,9 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overw
                    progress: bool = True) -> Path:
     """HF Llama dir -> Megatron checkpoint dir (dist checkpoint in ``weights/``, HF config + tokenizer beside)."""
     hf_dir = Path(hf_dir)
+    _check_output(out_dir, [hf_dir], overwrite)
     hf, model, dtype = _model_from_hf(hf_dir, dtype, progress)
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+    with _output(out_dir, inputs=[hf_dir], overwrite=overwrite) as tmp:
         save_dist_checkpoint(model, tmp / "weights")
         copy_auxiliary_files(hf_dir, tmp)
         (tmp / MARKER_NAME).write_text(_marker("megatron-dist", hf, hf_dir, dtype))
@@ -169,8 +189,9 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
     import yaml
 
     hf_dir = Path(hf_dir)
+    _check_output(out_path, [hf_dir], overwrite, is_dir=False)
     hf, model, dtype = _model_from_hf(hf_dir, dtype, progress)
-    with atomic_output(out_path, overwrite=overwrite, is_dir=False) as tmp_file:
+    with _output(out_path, inputs=[hf_dir], overwrite=overwrite, is_dir=False) as tmp_file:
         staging = tmp_file.parent / "staging"
         save_dist_checkpoint(model, staging / "model_weights", prefix=NEMO_PREFIX)
         config = nemo_model_config(hf, tokenizer_type=hf.get("_name_or_path") or "nemo:hf")
@@ -178,7 +199,7 @@ def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrit
         (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "hf").mkdir()
         copy_auxiliary_files(hf_dir, staging / "hf")
-        write_tar(staging, tmp_file)
+        write_tar(staging, tmp_file, verb=VERB)
         shutil.rmtree(staging)
     return Path(out_path)
 
@@ -197,6 +218,8 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
 
     ``hf_dir`` optionally supplies config/tokenizer files when the checkpoint carries none.
     """
+    inputs = [ckpt, hf_dir]
+    _check_output(out_dir, inputs, overwrite)
     with open_megatron_checkpoint(ckpt) as (hf, weights, prefix, aux):
         dims = LlamaDims.from_hf(hf)
         marker = json.loads((aux / MARKER_NAME).read_text()) if aux and (aux / MARKER_NAME).is_file() else {}
@@ -210,7 +233,7 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
                  for name, tensor in state.items() if not name.endswith("_extra_state")
                  for hf_name, view in megatron_to_hf_views(name, tensor, dims, spec)]
         named.sort(key=lambda item: _hf_order(item[0]))
-        with atomic_output(out_dir, overwrite=overwrite) as tmp:
+        with _output(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
             write_hf_shards(named, tmp, max_shard_size=_bytes(max_shard_size), progress=progress)
             source = Path(hf_dir) if hf_dir else aux
             if source is not None:
@@ -231,8 +254,20 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, bat
     """
     from transformers import AutoModelForCausalLM
 
+    for name, value, least in (("--seq-len", seq_len, 1), ("--batch-size", batch_size, 1)):
+        if int(value) < least:
+            raise ConversionError(f"{name} {value}: must be >= {least} (the batch of random tokens compared)")
+    if not tolerance >= 0:
+        raise ConversionError(f"--tolerance {tolerance}: must be >= 0, e.g. 1e-5")
+    hf_config, hf_shapes = _hf_shapes(Path(hf_dir))
+    if seq_len > hf_config["max_position_embeddings"]:
+        raise ConversionError(f"--seq-len {seq_len}: longer than max_position_embeddings "
+                              f"{hf_config['max_position_embeddings']} of {Path(hf_dir) / 'config.json'}")
+    with open_megatron_checkpoint(ckpt) as (hf, weights, prefix, aux):
+        _check_same_model(Path(hf_dir), hf_config, hf_shapes, Path(ckpt), hf)
+        model = build_conversion_model(hf, torch.float32)
+        load_dist_checkpoint(model, weights, prefix=prefix)
     hf_model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    hf, model = megatron_model_from_checkpoint(ckpt, dtype=torch.float32)
     with tempfile.TemporaryDirectory(prefix="nemotune-verify-") as tmp:
         if adapter is not None:
             hf_model = _with_peft_adapter(hf_model, adapter, peft_dir, Path(tmp))
@@ -245,6 +280,35 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, bat
             expected = hf_model(input_ids=input_ids).logits.float()
             actual = model(input_ids, position_ids, attention_mask=None).float()
     return (expected - actual).abs().max().item()
+
+
+def _hf_shapes(hf_dir: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
+    """(validated HF config, tensor name -> shape) of an HF checkpoint dir, from its headers only."""
+    from nemotune.converters.formats.checkpoint import read_safetensors_header
+
+    hf, weight_map, _ = inspect_hf_checkpoint(hf_dir)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for shard in sorted(set(weight_map.values())):
+        shapes.update({name: tuple(shape) for name, (_, shape) in read_safetensors_header(shard).items()})
+    return hf, shapes
+
+
+def _check_same_model(hf_dir: Path, hf_config: Mapping, hf_shapes: Mapping[str, tuple[int, ...]], ckpt: Path,
+                      ckpt_hf: Mapping) -> None:
+    """Refuse comparing two different models: name the first tensor whose shape differs, with both shapes."""
+    from nemotune.converters.formats.mapping import expected_hf_shapes
+
+    ours = expected_hf_shapes(LlamaDims.from_hf(ckpt_hf))
+    extra = {name: None for name in expected_hf_shapes(LlamaDims.from_hf(hf_config)) if name not in ours}
+    for name, shape in {**ours, **extra}.items():
+        found = hf_shapes.get(name)
+        if shape is None or found is None or tuple(found) != tuple(shape):
+            theirs = "absent" if found is None else str(list(found))
+            mine = "absent" if shape is None else str(list(shape))
+            raise ConversionError(
+                f"{ckpt} is not a checkpoint of {hf_dir}: {name} is {mine} in {ckpt} but {theirs} in "
+                f"{hf_dir}; pass the checkpoint converted from this model (nemotune convert hf-to-megatron "
+                f"--hf {hf_dir} --out DIR)")
 
 
 def _with_peft_adapter(hf_model, adapter, peft_dir, tmp: Path):

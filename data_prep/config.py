@@ -55,6 +55,7 @@ class DataConfig:
     # template drops it; earlier turns are always rendered as the template does
     keep_final_reasoning: bool = True
     output_dir: str = "work/prep/${.name}"  # relative: resolves inside the data node or alone
+    overwrite: bool = False  # replace output_dir when it holds a previous `nemotune prep` output
     max_seq_length: int = 4096
     truncation: str = "drop"  # drop | truncate_prompt
     packing: bool = True

@@ -14,11 +14,7 @@ each example's last token), so NeMo's packed SFT dataset reads our files unchang
 """
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator
 
@@ -88,7 +84,9 @@ def load_packed(path: str | Path) -> list[dict]:
 
         rows = pq.read_table(path).to_pylist()
     else:
-        rows = list(np.load(path, allow_pickle=True))
+        from nemotune.converters.formats.safe_pickle import load_npy
+
+        rows = list(load_npy(path))  # an object array: unpickled by the restricted unpickler only
     return [{"input_ids": np.asarray(r["input_ids"], dtype=np.int64),
              "loss_mask": np.asarray(r["loss_mask"], dtype=np.int64),
              "seq_start_id": np.asarray(r["seq_start_id"], dtype=np.int64)} for r in rows]
@@ -119,26 +117,6 @@ def write_packed(npy_path: Path, packs: list[dict], metadata: dict) -> list[Path
     meta = npy_path.with_name(npy_path.stem + "_metadata.json")
     meta.write_text(json.dumps(metadata, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return [npy_path, parquet, meta]
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: str | Path) -> Iterator[Path]:
-    """Yield a temp dir beside `out`; on success it replaces `out`, on error it is removed (no partial output)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------- chat formats

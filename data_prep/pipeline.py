@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from nemotune.converters.formats.outputs import output_target
 from nemotune.data_prep import formats, packing, templating
 from nemotune.data_prep.config import DataConfig
 from nemotune.data_prep.formats import DataPrepError
@@ -154,6 +155,8 @@ def prep_config_dict(cfg: DataConfig, tokenizer_name: str) -> dict:
 def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, skip_bad: bool = False,
         quiet: bool = False, tokenizer_key: str = "model.tokenizer") -> PrepResult:
     """Prepare `cfg` with the tokenizer `tokenizer_name` into cfg.output_dir (atomically), or just validate."""
+    if not validate_only:
+        _check_output(cfg, tokenizer_name)
     # the tokenizer is checked before a long read: an offline hub id fails at once, naming the download
     tokenizer = load_tokenizer(tokenizer_name, tokenizer_key)
     loaded = load_rows(cfg)
@@ -185,7 +188,8 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
                 "tokenizer": tokenizer_fingerprint(tokenizer), "prep_config": prep_config_dict(cfg, tokenizer_name),
                 "counts": {}, "length_stats": {}, "packing": {}, "dropped": {}}
     summary = []
-    with formats.atomic_output_dir(out) as tmp:
+    with output_target(out, verb=VERB, overwrite=cfg.overwrite, inputs=_inputs(cfg, tokenizer_name),
+                       overwrite_hint=OVERWRITE_HINT, error=DataPrepError) as tmp:
         split_rows = []
         for example in examples:
             split_rows.append(f"{example.id},{example.split},{example.source},{example.line}\n")
@@ -203,6 +207,27 @@ def run(cfg: DataConfig, tokenizer_name: str, *, validate_only: bool = False, sk
     if not quiet:
         print_summary(summary, out, len(rejects), skip_bad)
     return PrepResult(out, problems, manifest, summary)
+
+
+VERB = "prep"
+OVERWRITE_HINT = "data.overwrite=true"
+EXECUTION_ONLY_KEYS = (*EXECUTION_ONLY_KEYS, "overwrite")  # whether to replace an output, not what it holds
+
+
+def _inputs(cfg: DataConfig, tokenizer_name: str) -> list:
+    """Local paths prep reads: the output may be none of them, nor inside or around one."""
+    return [cfg.path, tokenizer_name if Path(tokenizer_name).exists() else None]
+
+
+def _check_output(cfg: DataConfig, tokenizer_name: str) -> None:
+    """Refuse the output dir before anything is read (the same checks run again when writing)."""
+    from nemotune.converters.formats.outputs import OutputError, preflight
+
+    try:
+        preflight(Path(cfg.output_dir), verb=VERB, inputs=_inputs(cfg, tokenizer_name), overwrite=cfg.overwrite,
+                  overwrite_hint=OVERWRITE_HINT)
+    except OutputError as err:
+        raise DataPrepError(str(err)) from None
 
 
 def _write_split(tmp: Path, split: str, examples, encoded, cfg: DataConfig, pad_id: int, manifest: dict,

@@ -180,12 +180,15 @@ def submit_jobs(cluster: Any, jobs: Sequence[RenderedJob], *, dry_run: bool = Fa
             print(f"# ---- {job.name}.sbatch{dep}\n{job.script}")
             ids.append(f"<{job.name}>")
         return ids
+    from nemotune.converters.formats.outputs import OutputError, write_new_file
+
     out = output_dir(cluster)
-    out.mkdir(parents=True, exist_ok=True)
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
     for job in jobs:
-        path = out / f"{job.name}-{stamp}.sbatch"
-        path.write_text(job.script)
+        try:  # a new file, written atomically, never over an earlier script (logs are Slurm's, appended)
+            path = write_new_file(out / f"{job.name}-{stamp}.sbatch", job.script)
+        except OutputError as err:
+            raise SubmitError(f"cluster.output_dir: {err}") from None
         cmd = [sbatch, "--parsable"]
         if ids:
             cmd.append(f"--dependency=afterok:{ids[-1]}")

@@ -41,7 +41,8 @@ Required:
   data_dir=<dir>        prepared data (`nemotune prep`): <dir>/<split>.messages.jsonl (+ .tokenized.jsonl)
   base_model=<dir>      HF checkpoint dir of the base model (config.json + safetensors)
   adapter=<dir>         HF PEFT adapter dir (adapter_config.json + adapter_model.safetensors)
-  out_dir=<dir>         report dir (replaced atomically)
+  out_dir=<dir>         report dir, written atomically; an existing one is replaced only when it is a
+                        previous eval report and eval.overwrite=true (nothing else is ever replaced)
 Common options (defaults in conf/eval.yaml):
   tokenizer=null              tokenizer dir/name; null = the base model dir ("nemotune/tiny" = the packaged one)
   eval.split=test             split to evaluate
@@ -60,6 +61,7 @@ Common options (defaults in conf/eval.yaml):
   eval.megatron_adapter=null    consolidated <ckpt>/adapter dir for the Megatron loss (null: adapter)
   eval.bootstrap_resamples=1000 eval.confidence=0.95 eval.seed=0
   eval.device=null eval.dtype=null   (auto: cuda/bf16 when available, else cpu/fp32)
+  eval.overwrite=false        replace out_dir when it is a previous eval report
   --cfg       print the composed config and exit
   -h, --help  this help
 """
@@ -89,6 +91,7 @@ class EvalSettings:
     device: Optional[str] = None  # null = cuda when available, else cpu
     dtype: Optional[str] = None  # null = bfloat16 on GPU, float32 on CPU
     progress: bool = True
+    overwrite: bool = False  # replace out_dir when it holds a previous `nemotune eval` report
 
 
 @dataclass
@@ -174,8 +177,31 @@ def validate_eval(cfg: DictConfig) -> None:
         problems.append(f"eval.confidence={ev.confidence}: must be in (0, 1), e.g. 0.95")
     if ev.dtype not in (None, "auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"):
         problems.append(f"eval.dtype={ev.dtype}: use null, float32, bfloat16 or float16")
+    if not OmegaConf.is_missing(cfg, "out_dir"):
+        problems += _out_dir_problems(cfg)
     if problems:
         raise EvalConfigError(problems)
+
+
+EVAL_VERB = "eval"
+
+
+def _eval_inputs(cfg: DictConfig) -> list:
+    return [cfg.get(key) for key in ("data_dir", "base_model", "adapter", "tokenizer")
+            if not OmegaConf.is_missing(cfg, key)] + [cfg.eval.embedding_model, cfg.eval.megatron_adapter]
+
+
+def _out_dir_problems(cfg: DictConfig) -> List[str]:
+    """out_dir may be new, or a previous eval report with eval.overwrite=true; never an input or around one."""
+    from nemotune.converters.formats.outputs import OutputError, preflight
+
+    try:
+        preflight(Path(cfg.out_dir), verb=EVAL_VERB, inputs=_eval_inputs(cfg),
+                  overwrite=bool(cfg.eval.overwrite),
+                  overwrite_hint="eval.overwrite=true")
+    except OutputError as err:
+        return [f"out_dir={cfg.out_dir}: {err}"]
+    return []
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -264,7 +290,8 @@ def megatron_losses(cfg: DictConfig) -> dict | None:
 # --------------------------------------------------------------------------------------------- the recipe
 def run_evaluation(cfg: DictConfig) -> dict:
     """The whole evaluation; returns the summary dict (also written to <out_dir>/summary.json)."""
-    from nemotune.data_prep.formats import atomic_output_dir, jsonl_bytes
+    from nemotune.converters.formats.outputs import output_target
+    from nemotune.data_prep.formats import jsonl_bytes
     from nemotune.recipes.engine import eval_metrics, generation
 
     validate_eval(cfg)
@@ -320,7 +347,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
     summary["elapsed_s"] = round(time.time() - started, 3)
     markdown = eval_metrics.summary_markdown(summary)
 
-    with atomic_output_dir(cfg.out_dir) as tmp:
+    with output_target(cfg.out_dir, verb=EVAL_VERB, overwrite=bool(cfg.eval.overwrite), inputs=_eval_inputs(cfg),
+                       overwrite_hint="eval.overwrite=true") as tmp:
         (tmp / PREDICTIONS).write_bytes(jsonl_bytes(rows))
         (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n", encoding="utf-8")
         (tmp / SUMMARY_MD).write_text(markdown, encoding="utf-8")

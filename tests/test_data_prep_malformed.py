@@ -122,7 +122,7 @@ def test_error_while_writing_leaves_previous_output_untouched(prep_conf_dir, tmp
 
     monkeypatch.setattr(formats, "write_packed", explode)
     with pytest.raises(RuntimeError, match="disk full"):
-        run_prep(prep_conf_dir, out, *overrides(path), "data.seed=99")
+        run_prep(prep_conf_dir, out, *overrides(path), "data.seed=99", "data.overwrite=true")
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
     assert leftovers(tmp_path) == []
     fresh = tmp_path / "fresh"

@@ -120,7 +120,8 @@ def test_report_rows_and_limit(assets, tmp_path):
     hf = summary["loss"]["hf"]
     assert hf["lora"]["loss"] != pytest.approx(hf["base"]["loss"])
     assert summary["config"]["eval"]["limit"] == 3
-    assert sorted(p.name for p in out.iterdir()) == ["predictions.jsonl", "summary.json", "summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["nemotune_output.json", "predictions.jsonl", "summary.json",
+                                                     "summary.md"]
 
 
 def test_main_cli(assets, tmp_path, capsys):
@@ -195,10 +196,11 @@ def test_missing_embedding_model_leaves_old_report_untouched(assets, tmp_path):
     out = tmp_path / "report"
     out.mkdir()
     (out / "summary.md").write_text("previous report\n")
-    cfg = cfg_for(assets, out, semantic_similarity=True, embedding_model=str(tmp_path / "nope"))
+    (out / "nemotune_output.json").write_text('{"verb": "eval"}\n')  # a previous eval report, replaceable
+    cfg = cfg_for(assets, out, semantic_similarity=True, embedding_model=str(tmp_path / "nope"), overwrite=True)
     with pytest.raises(EmbeddingModelNotFoundError, match="eval.embedding_model"):
         evaluate.run_evaluation(cfg)
-    assert [p.name for p in out.iterdir()] == ["summary.md"]
+    assert sorted(p.name for p in out.iterdir()) == ["nemotune_output.json", "summary.md"]
     assert (out / "summary.md").read_text() == "previous report\n"
 
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Mapping, Optional
 
 import torch
 
-from nemotune.converters.formats.hf_config import load_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config, read_config_json
 from nemotune.converters.formats.mapping import LlamaDims, fuse_gate_up, fuse_qkv, split_gate_up, split_qkv
 
 log = logging.getLogger("nemotune.converters")
@@ -98,6 +98,20 @@ Pairs = dict[tuple[int, str], list[Optional[tuple[torch.Tensor, torch.Tensor]]]]
 
 class AdapterError(ValueError):
     """An adapter cannot be read, converted or applied; the message says why."""
+
+
+EXPORT_VERB = "export"
+
+
+def _check_export_output(out, inputs, overwrite: bool) -> None:
+    """Refuse an export's output path before anything is read (the same checks run again when writing)."""
+    from nemotune.converters.formats.outputs import OutputError, preflight
+
+    try:
+        preflight(Path(out), verb=EXPORT_VERB, inputs=inputs, overwrite=overwrite,
+                  overwrite_hint="--overwrite")
+    except OutputError as err:
+        raise AdapterError(str(err)) from None
 
 
 def adapter_key(layer: int, target: str, which: str, *, variant: str = DEFAULT_VARIANT, part: int = 0) -> str:
@@ -200,12 +214,12 @@ def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], co
     """Write the consolidated adapter dir (validated; tensors saved contiguous on the CPU)."""
     from safetensors.torch import save_file
 
-    from nemotune.converters.formats.checkpoint import atomic_output
+    from nemotune.converters.formats.outputs import output_target
 
     config = {"dropout": 0.0, "layer_selection": None, "base_model_name_or_path": None, **dict(config)}
     config["variant"] = variant_of(config)
     validate_adapter(state_dict, config)
-    with atomic_output(out_dir, overwrite=True) as tmp:
+    with output_target(out_dir, verb="train", overwrite=True, error=AdapterError) as tmp:
         save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, str(tmp / ADAPTER_WEIGHTS),
                   metadata={"format": "pt", "producer": "nemotune"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -228,7 +242,7 @@ def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Pat
         raise AdapterError(f"variant={variant!r}: use one of {list(VARIANTS)}")
     if (path / ADAPTER_WEIGHTS).is_file():
         state = load_file(str(path / ADAPTER_WEIGHTS))
-        config = json.loads((path / ADAPTER_CONFIG).read_text())
+        config = read_config_json(path / ADAPTER_CONFIG)
         config["variant"] = variant_of(config)
         validate_adapter(state, config)
     elif (path / ADAPTER_CONFIG).is_file():
@@ -388,7 +402,7 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
     """An HF PEFT LoRA dir as the canonical variant: one (A, B) per HF module, tensors unchanged."""
     from safetensors.torch import load_file
 
-    peft_config = json.loads((path / ADAPTER_CONFIG).read_text())
+    peft_config = read_config_json(path / ADAPTER_CONFIG)
     if peft_config.get("peft_type") != "LORA":
         raise AdapterError(f"{path}: peft_type {peft_config.get('peft_type')!r}; only LORA adapters are supported")
     unsupported = [k for k in ("rank_pattern", "alpha_pattern", "modules_to_save") if peft_config.get(k)]
@@ -400,7 +414,9 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
     if (path / PEFT_WEIGHTS).is_file():
         peft_state = load_file(str(path / PEFT_WEIGHTS))
     elif (path / "adapter_model.bin").is_file():
-        peft_state = torch.load(path / "adapter_model.bin", map_location="cpu", weights_only=True)
+        from nemotune.converters.formats.safe_pickle import torch_load
+
+        peft_state = torch_load(path / "adapter_model.bin")
     else:
         raise AdapterError(f"{path}: no {PEFT_WEIGHTS}")
     hf = _base_config_for(peft_config, base_config)
@@ -451,11 +467,13 @@ def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_n
     """Consolidated adapter (either variant) -> HF PEFT dir (adapter_config.json + adapter_model.safetensors)."""
     from safetensors.torch import save_file
 
-    from nemotune.converters.formats.checkpoint import atomic_output
+    from nemotune.converters.formats.outputs import output_target
 
+    _check_export_output(out_dir, [adapter_dir], overwrite)
     state, config = load_adapter(adapter_dir)
     peft_state, peft_config = to_peft(state, config, base_model_name_or_path=base_model_name_or_path)
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+    with output_target(out_dir, verb=EXPORT_VERB, overwrite=overwrite, inputs=[adapter_dir],
+                       error=AdapterError) as tmp:
         save_file(peft_state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
@@ -489,8 +507,10 @@ def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite
     in the adapter's own variant."""
     import yaml
 
-    from nemotune.converters.formats.checkpoint import atomic_output, nemo_model_config, write_tar
+    from nemotune.converters.formats.checkpoint import nemo_model_config, write_tar
+    from nemotune.converters.formats.outputs import output_target
 
+    _check_export_output(out_path, [adapter_dir], overwrite)
     state, config = load_adapter(adapter_dir)
     dims = LlamaDims.from_hf(config["base_model"])
     if variant_of(config) == "canonical":
@@ -510,12 +530,13 @@ def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite
                                      tokenizer_type=config.get("base_model_name_or_path") or "nemo:hf")
     model_config["peft"] = nemo_peft_section(config)
     nemo_state = {"model." + k: v.detach().clone().contiguous() for k, v in state.items()}
-    with atomic_output(out_path, overwrite=overwrite, is_dir=False) as tmp_file:
+    with output_target(out_path, verb=EXPORT_VERB, overwrite=overwrite, is_dir=False, inputs=[adapter_dir],
+                       error=AdapterError) as tmp_file:
         staging = tmp_file.parent / "staging"
         staging.mkdir()
         (staging / "model_config.yaml").write_text(yaml.safe_dump(model_config, sort_keys=False))
         torch.save(nemo_state, staging / "model_weights.ckpt")
-        write_tar(staging, tmp_file)
+        write_tar(staging, tmp_file, verb=EXPORT_VERB)
     return Path(out_path)
 
 
@@ -529,7 +550,12 @@ def read_nemo_lora(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
 
     with tempfile.TemporaryDirectory(prefix="nemotune-lora-") as tmp:
         safe_extract(Path(path), Path(tmp))
-        weights = torch.load(Path(tmp) / "model_weights.ckpt", map_location="cpu", weights_only=True)
+        from nemotune.converters.formats.safe_pickle import torch_load
+
+        try:
+            weights = torch_load(Path(tmp) / "model_weights.ckpt")
+        except ValueError as err:  # name the member inside the .nemo, not the temporary copy
+            raise AdapterError(str(err).replace(f"{tmp}/", f"{path}:")) from None
         config = yaml.safe_load((Path(tmp) / "model_config.yaml").read_text())
     return weights, config
 
@@ -552,9 +578,11 @@ def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    from nemotune.converters.formats.checkpoint import INDEX_NAME, atomic_output, copy_auxiliary_files, inspect_hf_checkpoint
+    from nemotune.converters.formats.checkpoint import INDEX_NAME, copy_auxiliary_files, inspect_hf_checkpoint
+    from nemotune.converters.formats.outputs import output_target
 
     hf_base_dir = Path(hf_base_dir)
+    _check_export_output(out_dir, [hf_base_dir, adapter_dir], overwrite)
     hf, weight_map, _ = inspect_hf_checkpoint(hf_base_dir)
     state, config = load_adapter(adapter_dir, base_config=hf)
     base_dims, adapter_dims = LlamaDims.from_hf(hf), LlamaDims.from_hf(config["base_model"])
@@ -562,7 +590,8 @@ def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         raise AdapterError(f"adapter was trained on {adapter_dims}, base checkpoint is {base_dims}")
     deltas = lora_deltas(state, config)
     applied = set()
-    with atomic_output(out_dir, overwrite=overwrite) as tmp:
+    with output_target(out_dir, verb=EXPORT_VERB, overwrite=overwrite, inputs=[hf_base_dir, adapter_dir],
+                       error=AdapterError) as tmp:
         shards = sorted(set(weight_map.values()))
         for shard in tqdm(shards, desc="merging shards", unit="shard", disable=not progress):
             out_tensors = {}

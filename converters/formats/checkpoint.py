@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import shutil
 import struct
 import tarfile
@@ -30,7 +29,9 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from nemotune.converters.formats.hf_config import load_hf_config
+from nemotune.converters.formats.hf_config import load_hf_config, read_config_json
+from nemotune.converters.formats.outputs import MARKER as OUTPUT_MARKER
+from nemotune.converters.formats.safe_pickle import UnsafeFileError, check_checkpoint_files
 from nemotune.converters.formats.mapping import (
     NEMO_PREFIX,
     LlamaDims,
@@ -45,7 +46,7 @@ MARKER_NAME = "nemotune_checkpoint.json"
 SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 
 
-class ConversionError(RuntimeError):
+class ConversionError(RuntimeError, ValueError):
     """A checkpoint cannot be converted; the message says what is wrong and what to do."""
 
 
@@ -103,7 +104,9 @@ def hf_weight_map(hf_dir: Path) -> dict[str, Path]:
     """tensor name -> shard file, from the index or the single ``model.safetensors``."""
     index = hf_dir / INDEX_NAME
     if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_config_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConversionError(f"{index}: no weight_map object; re-download this file")
         return {name: hf_dir / shard for name, shard in weight_map.items()}
     shards = sorted(hf_dir.glob("*.safetensors"))
     if not shards:
@@ -140,7 +143,8 @@ def inspect_hf_checkpoint(hf_dir: str | Path) -> tuple[dict, dict[str, Path], to
 def auxiliary_files(src_dir: Path) -> list[Path]:
     """config, generation config, tokenizer and chat template files: everything that is not weights."""
     return sorted(p for p in src_dir.iterdir()
-                  if p.is_file() and p.suffix not in WEIGHT_SUFFIXES and p.name not in (INDEX_NAME, MARKER_NAME))
+                  if p.is_file() and p.suffix not in WEIGHT_SUFFIXES
+                  and p.name not in (INDEX_NAME, MARKER_NAME, OUTPUT_MARKER))
 
 
 def copy_auxiliary_files(src_dir: Path, dst_dir: Path) -> None:
@@ -149,24 +153,6 @@ def copy_auxiliary_files(src_dir: Path, dst_dir: Path) -> None:
 
 
 # ---- outputs ---------------------------------------------------------------------------------------------------
-
-@contextlib.contextmanager
-def atomic_output(out: str | Path, *, overwrite: bool = False, is_dir: bool = True) -> Iterator[Path]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only if the block succeeds."""
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise ConversionError(f"{out} already exists; pass --overwrite or choose another output path")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp_root = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    tmp = tmp_root if is_dir else tmp_root / out.name
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp_root, ignore_errors=True)
-
 
 def write_hf_shards(named_tensors: list[tuple[str, torch.Tensor] | tuple[str, torch.Tensor, tuple[int, ...]]],
                     out_dir: Path, *, max_shard_size: int = 5 * 1024**3, progress: bool = True) -> None:
@@ -302,6 +288,7 @@ def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
     """Load a dist checkpoint into ``model`` under the current TP/PP (the checkpoint's own TP/PP is irrelevant)."""
     from megatron.core import dist_checkpointing
 
+    check_checkpoint_files(ckpt_dir)  # megatron / torch unpickle its files: only data may be in them
     sharded = _loadable_sharded_state_dict(model, prefix)
     available = set(dist_checkpointing.load_tensors_metadata(str(ckpt_dir)))
     for tensor in sharded.values():
@@ -422,9 +409,13 @@ def safe_extract(tar_path: Path, dest: Path) -> None:
         raise ConversionError(f"{tar_path}: not a readable .nemo tarball ({err})") from err
 
 
-def write_tar(src_dir: Path, tar_path: Path) -> None:
-    """An uncompressed tar (NeMo's default) of the files under ``src_dir``, paths relative to it."""
-    with tarfile.open(tar_path, "w:") as archive:
+def write_tar(src_dir: Path, tar_path: Path, *, verb: str | None = None) -> None:
+    """An uncompressed tar (NeMo's default) of the files under ``src_dir``, paths relative to it; ``verb``
+    marks it as that verb's output (a PAX header, so a later run can recognise -- and only then replace -- it)."""
+    from nemotune.converters.formats.outputs import tar_marker
+
+    with tarfile.open(tar_path, "w:", format=tarfile.PAX_FORMAT,
+                      pax_headers=tar_marker(verb) if verb else None) as archive:
         for path in sorted(src_dir.rglob("*")):
             archive.add(path, arcname="./" + str(path.relative_to(src_dir)), recursive=False)
 
@@ -447,18 +438,38 @@ def open_megatron_checkpoint(path: str | Path) -> Iterator[tuple[dict, Path, str
     Megatron checkpoint dir or a ``.nemo`` (extracted safely to a temporary dir for the block)."""
     path = Path(path)
     if path.is_dir() and (path / "weights").is_dir():
+        check_checkpoint_files(path / "weights")
         yield load_hf_config(path), path / "weights", "", path
         return
     if path.is_dir() and (path / "model_config.yaml").is_file():  # an extracted .nemo
+        _check_nemo_root(path, path)
         yield _nemo_hf_config(path), path / "model_weights", NEMO_PREFIX, _nemo_aux_dir(path)
         return
     if path.is_file():
         with tempfile.TemporaryDirectory(prefix="nemotune-nemo-") as tmp:
             safe_extract(path, Path(tmp))
             root = Path(tmp)
+            try:
+                _check_nemo_root(root, path)
+            except UnsafeFileError as err:  # name the member inside the .nemo, not the temporary copy
+                raise ConversionError(str(err).replace(f"{root}/", f"{path}:")) from None
             yield _nemo_hf_config(root), root / "model_weights", NEMO_PREFIX, _nemo_aux_dir(root)
         return
+    if not path.exists():
+        raise ConversionError(f"{path}: no such file or directory; pass a Megatron checkpoint dir "
+                              "(nemotune convert hf-to-megatron) or a .nemo file")
     raise ConversionError(f"{path}: neither a Megatron checkpoint dir (with weights/) nor a .nemo file")
+
+
+def _check_nemo_root(root: Path, source: Path) -> None:
+    """A base-model .nemo: its dist checkpoint is safe to read (restricted unpickling) and it is not a LoRA."""
+    if not (root / "model_weights").is_dir():
+        if (root / "model_weights.ckpt").is_file():
+            raise ConversionError(f"{source}: a LoRA adapter .nemo (model_weights.ckpt holds adapter weights only), "
+                                  "not a base model; pass the base model's .nemo or Megatron checkpoint dir, "
+                                  "and the adapter with --adapter / peft.restore_from")
+        raise ConversionError(f"{source}: no model_weights/ folder; not a mcore GPT .nemo checkpoint")
+    check_checkpoint_files(root / "model_weights")
 
 
 def _nemo_aux_dir(root: Path) -> Path | None:

@@ -32,6 +32,22 @@ class ModelConfigError(ValueError):
     """config.json is absent or describes a model nemotune does not support; the message says which and why."""
 
 
+def read_config_json(config_file: Path) -> dict:
+    """A config.json as a dict; invalid JSON or a non-object is a ModelConfigError naming the file."""
+    try:
+        raw = json.loads(Path(config_file).read_text(encoding="utf-8"))
+    except UnicodeDecodeError as err:
+        raise ModelConfigError(f"{config_file}: not UTF-8 text ({err.reason}); re-download or restore this "
+                               "file") from err
+    except json.JSONDecodeError as err:
+        raise ModelConfigError(f"{config_file}: invalid JSON at line {err.lineno} column {err.colno} ({err.msg}); "
+                               "re-download or fix this file") from err
+    if not isinstance(raw, dict):
+        raise ModelConfigError(f"{config_file}: holds a JSON {type(raw).__name__}, not an object of model "
+                               "settings; re-download or fix this file")
+    return raw
+
+
 def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
     """Return a normalized LlamaForCausalLM config dict from a checkpoint dir, a config.json or a dict."""
     if isinstance(path_or_dict, Mapping):
@@ -43,7 +59,7 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         if not config_file.is_file():
             raise ModelConfigError(f"{path}: no config.json; expected a Hugging Face checkpoint directory "
                                    "(config.json + *.safetensors)")
-        raw = json.loads(config_file.read_text())
+        raw = read_config_json(config_file)
         origin = str(config_file)
     raw = {k: v for k, v in raw.items() if v is not None or k == "rope_scaling"}
     rope = raw.get("rope_parameters")  # transformers >= 5 writes RoPE settings here

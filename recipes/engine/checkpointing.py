@@ -208,7 +208,10 @@ class Checkpointer:
     def load(self, trainer, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        payload = read_state(ckpt)
+        from nemotune.converters.formats.safe_pickle import check_checkpoint_files
+
+        payload = read_state(ckpt)  # names a damaged trainer_state.json or a shard shorter than recorded
+        check_checkpoint_files(ckpt)  # megatron / torch unpickle its .metadata: refuse anything but data first
         saved_base = payload.get("base_model", {})
         if saved_base.get("sha256") and self.base_reference.get("sha256") and \
                 saved_base["sha256"] != self.base_reference["sha256"]:
