@@ -6,8 +6,9 @@ Each run is a child process (`--child`) that builds the model exactly as bench/g
 megatron DDP + optimizer) with random weights and runs `--steps` steps of SupervisedTrainer.train_step -- the
 trainer's own step -- on synthetic packs of random token ids (bench/gpu_lora.synthetic_packs: FiQA-like
 document lengths, no tokenizer needed). fp32 on CPU, 1 torch thread, one process (TP = PP = DP = 1).
-Peak = resource.getrusage(RUSAGE_SELF).ru_maxrss at the end (the whole process: Python, torch, megatron-core,
-weights, optimizer, activations, logits). The child also reports its RSS just before the model is built
+Peak = VmHWM of /proc/self/status at the end (the whole process: Python, torch, megatron-core, weights,
+optimizer, activations, logits). Not ru_maxrss: Linux carries the forking parent's RSS into it across exec, so
+a child of a large process (a pytest run) would report the parent's size. The child also reports its RSS just before the model is built
 (imports + torch.distributed + megatron parallel state), which is what the planner's CPU runtime constant
 stands for.
 
@@ -23,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import shlex
 import subprocess
 import sys
@@ -64,11 +64,15 @@ def hf_config(model: dict) -> dict:
                            "tie_word_embeddings": False, **model})
 
 
-def _rss_now() -> int:
+def _status_bytes(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
+        if line.startswith(field + ":"):
             return int(line.split()[1]) * 1024
     return 0
+
+
+def _rss_now() -> int:
+    return _status_bytes("VmRSS")
 
 
 def child(name: str, steps: int) -> dict:
@@ -119,7 +123,7 @@ def child(name: str, steps: int) -> dict:
             m = trainer.train_step(np.array([step]))
             losses.append(m["train/loss"])
             times.append(m["train/step_time"])
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        peak = _status_bytes("VmHWM")  # this process's own high-water mark
         distributed.destroy_distributed()
     return {"name": name, "peak_rss_bytes": peak, "rss_before_model_bytes": rss_before_model,
             "rss_after_build_bytes": rss_after_build, "trainable_parameters": summary.trainable_parameters,

@@ -46,10 +46,10 @@ def uses_experiment(overrides: list[str]) -> bool:
 
 def check_prep_overrides(overrides: list[str], directory: Path) -> list[str]:
     """Unknown experiments / group options and keys prep does not have (`+data.pack_sise=1`), before Hydra."""
-    from nemotune.data_prep.config import DataConfig
-    from nemotune.data_prep.overrides import check_overrides, group_options, schema_tree, yaml_tree
+    from nemotune.data_prep.config import PrepConfig
+    from nemotune.data_prep.overrides import check_overrides, group_options, schema_tree
 
-    tree = {"data": schema_tree(DataConfig), "model": yaml_tree(directory, "model"), "tokenizer": None}
+    tree = schema_tree(PrepConfig)
     groups = {g: group_options(directory, g) for g in PREP_GROUPS if (directory / g).is_dir()}
     reason = ("`nemotune prep` reads only data.*, model.* and tokenizer; set this key on the training command "
               "(nemotune train / launch) instead")

@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
+from nemotune.converters.formats.hf_config import ModelConfig
+
 # System prompt of the original FiQA fine-tuning recipe (financial assistant).
 FIQA_SYSTEM_PROMPT = (
     "You are a helpful financial assistant. Answer the user's question about personal finance, investing, "
@@ -72,7 +74,7 @@ class DataConfig:
 @dataclass
 class PrepConfig:
     """conf/prep.yaml: the data group, the model group (prep reads its tokenizer) and the tokenizer to use."""
-    model: dict[str, Any] = field(default_factory=dict)
+    model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     tokenizer: Optional[str] = None
 

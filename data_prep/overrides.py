@@ -46,19 +46,6 @@ def schema_tree(schema: Any) -> Any:
     return None
 
 
-def yaml_tree(config_dir: Path, group: str) -> Any:
-    """An untyped group's keys: the union of the top-level keys of its YAML files (nested maps are open)."""
-    from omegaconf import OmegaConf
-
-    keys: dict = {}
-    for path in sorted((Path(config_dir) / group).glob("*.yaml")):
-        node = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
-        for key, value in (node or {}).items():
-            if key != "defaults":
-                keys[key] = OPEN if isinstance(value, dict) else None
-    return keys
-
-
 def _dotted(tree: Any, prefix: str = "") -> list[str]:
     out = []
     if isinstance(tree, dict):

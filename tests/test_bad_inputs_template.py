@@ -21,7 +21,7 @@ from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
 
 NANO = "nvidia/Llama-3.1-Nemotron-Nano-8B-v1"
 TRAIN = ("nemotune.recipes.lora_sft", "experiment=tiny_lora", "data.output_dir={prep}", "run.output_dir={run}",
-         "run.tensorboard=false")
+         "run.tensorboard=false", "trainer.train_split=sft", "trainer.validation_split=eval")
 PREP = ("nemotune.data_prep", "--quiet", "data=fiqa_sample", "data.output_dir={out}")
 
 CASES = [
@@ -84,5 +84,5 @@ def test_model_own_tokenizer_trains_on_its_own_data(assets, tmp_path):
     assert run_prep(prep_config_dir(tmp_path), prep, "data.resplit=true", f"model.hf_path={model}") == 0
     assert json.loads((prep / "manifest.json").read_text())["tokenizer"]["name"] == str(model)
     result = run_command([*(a.format(prep=prep, run=tmp_path / "run") for a in TRAIN), f"model.hf_path={model}",
-                          "trainer.sft.max_steps=1", "trainer.train_split=sft", "trainer.validation_split=eval"])
+                          "trainer.sft.max_steps=1"])
     assert result.returncode == 0, result.stderr[-2000:]

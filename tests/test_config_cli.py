@@ -104,11 +104,13 @@ def test_validate_only_reports_exactly_what_prep_drops(tmp_path, capsys):
 def test_an_empty_input_file_is_an_error(tmp_path, capsys):
     from test_data_prep_support import prep_config_dir, run_prep
 
-    (tmp_path / "train.jsonl").write_text(json.dumps({"question": "q?", "ground_truths": ["a."]}) + "\n")
-    (tmp_path / "validation.jsonl").write_text("\n\n")  # blank lines only: no records
-    assert run_prep(prep_config_dir(tmp_path), tmp_path / "out", "data.source=local", f"data.path={tmp_path}") == 2
+    inputs = tmp_path / "inputs"  # outside the output: prep never writes inside its inputs
+    inputs.mkdir()
+    (inputs / "train.jsonl").write_text(json.dumps({"question": "q?", "ground_truths": ["a."]}) + "\n")
+    (inputs / "validation.jsonl").write_text("\n\n")  # blank lines only: no records
+    assert run_prep(prep_config_dir(tmp_path), tmp_path / "out", "data.source=local", f"data.path={inputs}") == 2
     err = capsys.readouterr().err.strip()
-    assert err.endswith(f"{tmp_path}/validation.jsonl: empty input file (no records); fix: point data.path at the "
+    assert err.endswith(f"{inputs}/validation.jsonl: empty input file (no records); fix: point data.path at the "
                         "file that holds the data, or remove the empty split file"), err
     assert not (tmp_path / "out").exists()
 

@@ -48,7 +48,7 @@ def test_validation_interval_has_one_default():
 @pytest.mark.parametrize("name, optimizer, decoupled", [("adamw", "adam", True), ("adam", "adam", False),
                                                         ("sgd", "sgd", False)])
 def test_optimizer_name_is_honoured(name, optimizer, decoupled):
-    from nemotune.recipes.lora_sft import optimizer_config
+    from nemotune.recipes.engine.builders import optimizer_config
 
     cfg = compose("lora_sft", [f"trainer.optim.name={name}", "trainer.optim.momentum=0.5"])
     config = optimizer_config(cfg, SimpleNamespace(bf16=False, params_dtype=torch.float32))

@@ -169,7 +169,10 @@ def test_parts_follow_the_layout():
     tp2 = plan.plan(_nano_input(layout=plan.Layout(tp=2, dp=4)))
     tp2_sp = plan.plan(_nano_input(layout=plan.Layout(tp=2, dp=4, sp=True)))
     assert tp2_sp.parts["activations"] < tp2.parts["activations"] < one.parts["activations"]
-    assert tp2.parts["logits / loss"] < one.parts["logits / loss"]
+    # whole logits are split over the vocabulary by TP; a chunked loss holds a fixed chunk whatever TP is
+    whole_tp1, whole_tp2 = (plan.plan(_nano_input(layout=layout, chunked_loss=False))
+                            for layout in (plan.Layout(dp=8), plan.Layout(tp=2, dp=4)))
+    assert whole_tp2.parts["logits / loss"] < whole_tp1.parts["logits / loss"]
     # 1F1B: the first of 4 stages holds 4 micro-batches of its 8 layers = one micro-batch of all 32
     pp4 = plan.plan(_nano_input(layout=plan.Layout(pp=4, dp=2)))
     assert pp4.stage == 0

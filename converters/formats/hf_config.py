@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Mapping
+from dataclasses import dataclass
+from typing import Any, Dict, Mapping, Optional
+
+from omegaconf import MISSING
 
 
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM",)
@@ -26,6 +29,20 @@ _HF_DEFAULTS = {
     "hidden_act": "silu",
 }
 _HF_REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
+
+
+@dataclass
+class ModelConfig:
+    """A model group file (conf/model/<name>.yaml) names the model, its architecture and its tokenizer."""
+    name: str = MISSING
+    # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
+    hf_config: Dict[str, Any] = MISSING
+    hf_path: Optional[str] = None
+    # null = the model's own: hf_path's tokenizer files when it has them, else hub_id's
+    tokenizer: Optional[str] = None
+    hub_id: Optional[str] = None  # the model's hub id, named by each model file (nemotune/tiny: the packaged one)
+    # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
+    checkpoint: Optional[str] = None
 
 
 class ModelConfigError(ValueError):

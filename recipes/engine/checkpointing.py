@@ -210,7 +210,8 @@ class Checkpointer:
 
         from nemotune.converters.formats.safe_pickle import check_checkpoint_files
 
-        payload = read_state(ckpt)  # names a damaged trainer_state.json or a shard shorter than recorded
+        payload = read_state(ckpt)  # names a damaged trainer_state.json
+        self._check_shard_sizes(ckpt, payload.get("dist_files") or {})  # a shard shorter than when saved
         check_checkpoint_files(ckpt)  # megatron / torch unpickle its .metadata: refuse anything but data first
         saved_base = payload.get("base_model", {})
         if saved_base.get("sha256") and self.base_reference.get("sha256") and \
@@ -218,7 +219,6 @@ class Checkpointer:
             raise CheckpointError(f"{ckpt} was trained on base {saved_base.get('path')} (sha256 "
                                   f"{saved_base['sha256'][:12]}), not on model.checkpoint="
                                   f"{self.base_reference.get('path')}; use that base, or run.output_dir=<new dir>")
-        self._check_shard_sizes(ckpt, payload.get("dist_files") or {})
         trainer.load_state_dict(payload, source=str(ckpt))
         try:
             state = dist_checkpointing.load(trainer.sharded_state_dict(is_loading=True), str(ckpt / "dist"))

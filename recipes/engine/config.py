@@ -20,10 +20,10 @@ from hydra import compose as hydra_compose
 from hydra import initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from nemotune.converters.formats.adapters import VARIANTS
-from nemotune.converters.formats.hf_config import ModelConfigError, load_hf_config
+from nemotune.converters.formats.hf_config import ModelConfig, ModelConfigError, load_hf_config
 from nemotune.data_prep.config import DataConfig
 from nemotune.launchers.config import ClusterConfig, validate_cluster
 
@@ -39,20 +39,6 @@ class RunConfig:
     tensorboard: bool = True
     # multi-stage runs: run only this stage (Slurm runs each stage as a dependent job); null = all stages
     stage: Optional[str] = None
-
-
-@dataclass
-class ModelConfig:
-    """A model group file (conf/model/<name>.yaml) names the model, its architecture and its tokenizer."""
-    name: str = MISSING
-    # fields of the Hugging Face config.json (LlamaForCausalLM); hf_path's config.json wins when set
-    hf_config: Dict[str, Any] = MISSING
-    hf_path: Optional[str] = None
-    # null = the model's own: hf_path's tokenizer files when it has them, else hub_id's
-    tokenizer: Optional[str] = None
-    hub_id: Optional[str] = None  # the model's hub id, named by each model file (nemotune/tiny: the packaged one)
-    # base weights: a Megatron dist checkpoint or .nemo written by `nemotune convert`; null = random init
-    checkpoint: Optional[str] = None
 
 
 @dataclass
