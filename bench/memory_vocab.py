@@ -133,7 +133,20 @@ def reset_peak() -> None:
 
 # ---- train ---------------------------------------------------------------------------------------------------
 
-class OursTrain:
+class LoraStep:
+    """One LoRA training step's common half: AdamW (lr 1e-4) over the trainable parameters of `model`."""
+
+    def train_adapters_of(self, model, pad_id: int) -> None:
+        import torch
+
+        self.model = model
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.pad_id = pad_id
+        self.model.train()
+
+
+class OursTrain(LoraStep):
     def __init__(self, hf: dict, pad_id: int):
         import torch
 
@@ -144,12 +157,9 @@ class OursTrain:
 
         distributed.init_distributed(1, 1, seed=0)
         torch.manual_seed(0)
-        self.model = build_gpt_model(hf, device="cpu", calculate_per_token_loss=True)
-        apply_lora(self.model, LoraConfig(dim=8, alpha=16, dropout=0.0))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
-        self.pad_id = pad_id
-        self.model.train()
+        model = build_gpt_model(hf, device="cpu", calculate_per_token_loss=True)
+        apply_lora(model, LoraConfig(dim=8, alpha=16, dropout=0.0))
+        self.train_adapters_of(model, pad_id)
 
     def step(self, sample) -> float:
         from nemotune.recipes.engine import batches
@@ -168,7 +178,7 @@ class OursTrain:
         return float(loss)
 
 
-class HFPeftTrain:
+class HFPeftTrain(LoraStep):
     def __init__(self, hf: dict, pad_id: int):
         import torch
         from peft import LoraConfig, get_peft_model
@@ -178,12 +188,9 @@ class HFPeftTrain:
         config = LlamaConfig(**{k: v for k, v in hf.items() if k not in ("architectures", "torch_dtype")})
         config._attn_implementation = "sdpa"
         base = LlamaForCausalLM(config)
-        self.model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
-                                                     target_modules="all-linear", task_type="CAUSAL_LM"))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
-        self.pad_id = pad_id
-        self.model.train()
+        self.train_adapters_of(get_peft_model(base, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0,
+                                                               target_modules="all-linear", task_type="CAUSAL_LM")),
+                               pad_id)
 
     def step(self, sample) -> float:
         import torch.nn.functional as F

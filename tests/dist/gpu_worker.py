@@ -12,7 +12,9 @@ from pathlib import Path
 
 import torch
 
-from nemotune.recipes.engine import batches, distributed
+from checks import losses_of, packed_vs_unpacked, tiny_run
+
+from nemotune.recipes.engine import distributed
 from nemotune.recipes.engine.config import compose
 from nemotune.recipes.engine.model import te_available
 from nemotune.recipes.lora_sft import train
@@ -20,53 +22,16 @@ from nemotune.recipes.lora_sft import train
 OUT, PREP, BASE_MCORE, BASE_HF, ROOT, PRECISION = sys.argv[1:7]
 ROOT = Path(ROOT)
 STEPS = 4
-COMMON = [f"model.hf_path={BASE_HF}", f"model.checkpoint={BASE_MCORE}", f"data.output_dir={PREP}",
-          "run.tensorboard=false", "parallel=single", "peft.lora.dim=8", "peft.lora.alpha=16",
-          "trainer.global_batch_size=4", f"trainer.sft.max_steps={STEPS}", "trainer.sft.val_check_interval=2",
-          "trainer.optim.lr=3e-3", "trainer.optim.warmup_steps=1", "trainer.sft.limit_val_batches=1",
-          "trainer.train_split=sft", "trainer.validation_split=eval", f"trainer.precision={PRECISION}"]
+COMMON = [*tiny_run(PREP, BASE_MCORE, BASE_HF, steps=STEPS, limit_val_batches=1), "parallel=single",
+          f"trainer.precision={PRECISION}"]
 
 
-def losses_of(run_dir: Path) -> dict:
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 def config(name: str, *extra):
     return compose("lora_sft", ["experiment=tiny_lora", *COMMON, f"run.output_dir={ROOT / name}", *extra])
 
 
-def packed_vs_unpacked() -> dict:
-    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
-    from nemotune.recipes.engine.config import hf_config_of
-    from nemotune.recipes.engine.trainer import SupervisedTrainer
-    from nemotune.recipes.lora_sft import build_lora_model, init_from_config, load_samples, seq_length
-
-    cfg = config("packing")
-    init_from_config(cfg)
-    packs = load_samples(cfg, "eval", load_tokenizer(*model_tokenizer(cfg.model)))
-    pack = max(packs, key=lambda s: len(s.seq_start_id))
-    hf = hf_config_of(cfg)
-    model = build_lora_model(cfg, hf)
-    with torch.no_grad():  # nonzero adapters so the LoRA path counts too
-        for name, param in model.named_parameters():
-            if "linear_out" in name:
-                param.copy_(torch.randn(param.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
-    trainer = SupervisedTrainer(cfg=cfg, model=[model], optimizer=None, scheduler=None, train_samples=packs,
-                                val_samples=packs, pad_id=0, seq_length=seq_length(cfg), hf_config=hf,
-                                run_dir=ROOT / "packing", checkpointer=None, log_metrics=False,
-                                use_packed_seq_params=te_available())
-    bounds = list(pack.seq_start_id) + [len(pack.input_ids)]
-    docs = [batches.Sample(pack.input_ids[a:b], pack.loss_mask[a:b], [0]) for a, b in zip(bounds[:-1], bounds[1:])]
-    packed, _ = trainer._run_schedule([batches.collate([pack], 0)], forward_only=True)
-    trainer.micro_batch_size = len(docs)
-    trainer.use_packed_seq_params = False
-    unpacked, _ = trainer._run_schedule([batches.collate(docs, 0)], forward_only=True)
-    return {"packed": packed, "unpacked": unpacked, "documents": len(docs)}
 
 
 def main():
@@ -78,7 +43,7 @@ def main():
     train(config("resumed", "trainer.stop_after_steps=2"))
     train(config("resumed"))
     results["resumed"] = {k: v for k, v in losses_of(ROOT / "resumed").items() if int(k) > 2}
-    results["packing"] = packed_vs_unpacked()
+    results["packing"] = packed_vs_unpacked(config("packing"), ROOT / "packing", use_packed_seq_params=te_available())
     if torch.cuda.is_available():
         results["peak_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
     if distributed.is_rank_zero():

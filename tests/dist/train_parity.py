@@ -12,6 +12,8 @@ from pathlib import Path
 
 import torch
 
+from checks import losses_of, packed_vs_unpacked, tiny_run
+
 from nemotune.recipes.engine import batches, distributed
 from nemotune.recipes.engine.config import compose, hf_config_of
 from nemotune.recipes.lora_sft import train
@@ -19,11 +21,7 @@ from nemotune.recipes.lora_sft import train
 OUT, PREP, BASE_MCORE, BASE_HF, ROOT = sys.argv[1:6]
 ROOT = Path(ROOT)
 STEPS = 4
-COMMON = [f"model.hf_path={BASE_HF}", f"model.checkpoint={BASE_MCORE}", f"data.output_dir={PREP}",
-          "run.tensorboard=false", "cluster.nproc_per_node=2", "peft.lora.dim=8", "peft.lora.alpha=16",
-          "trainer.global_batch_size=4", f"trainer.sft.max_steps={STEPS}", "trainer.sft.val_check_interval=2",
-          "trainer.optim.lr=3e-3", "trainer.optim.warmup_steps=1", "trainer.sft.limit_val_batches=2",
-          "trainer.train_split=sft", "trainer.validation_split=eval"]
+COMMON = [*tiny_run(PREP, BASE_MCORE, BASE_HF, steps=STEPS), "cluster.nproc_per_node=2"]
 LAYOUTS = {
     "dp2": ["parallel=single"],
     "dp2_distopt": ["parallel=single", "parallel.use_distributed_optimizer=true"],
@@ -35,14 +33,6 @@ LAYOUTS = {
 ONLY = sys.argv[6].split(",") if len(sys.argv) > 6 else None
 
 
-def losses_of(run_dir: Path) -> dict:
-    """{step: loss}, the last record of each step winning (a resumed run re-logs the steps after its checkpoint)."""
-    out = {}
-    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
-        row = json.loads(line)
-        if "train/loss" in row:
-            out[row["step"]] = row["train/loss"]
-    return out
 
 
 def config(name: str, extra=()):
@@ -50,34 +40,6 @@ def config(name: str, extra=()):
                                 f"run.output_dir={ROOT / name}", *extra])
 
 
-def packed_vs_unpacked(layout: str) -> dict:
-    """Loss of one pack vs the same documents as separate padded rows, through the training schedule."""
-    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
-    from nemotune.recipes.engine.builders import build_lora_model, init_from_config, load_samples, seq_length
-    from nemotune.recipes.engine.trainer import SupervisedTrainer
-
-    cfg = config(layout)
-    init_from_config(cfg)
-    tokenizer = load_tokenizer(*model_tokenizer(cfg.model))
-    packs = load_samples(cfg, "eval", tokenizer)
-    pack = max(packs, key=lambda s: len(s.seq_start_id))
-    hf = hf_config_of(cfg)
-    model = build_lora_model(cfg, hf)
-    with torch.no_grad():  # nonzero adapters so the LoRA path counts too
-        for name, param in model.named_parameters():
-            if "linear_out" in name:
-                param.normal_(0, 0.02, generator=torch.Generator().manual_seed(len(name)))
-    trainer = SupervisedTrainer(cfg=cfg, model=[model], optimizer=None, scheduler=None, train_samples=packs,
-                                val_samples=packs, pad_id=0, seq_length=seq_length(cfg), hf_config=hf,
-                                run_dir=ROOT / "packing", checkpointer=None, log_metrics=False)
-    bounds = list(pack.seq_start_id) + [len(pack.input_ids)]
-    docs = [batches.Sample(pack.input_ids[a:b], pack.loss_mask[a:b], [0]) for a, b in zip(bounds[:-1], bounds[1:])]
-    packed, _ = trainer._run_schedule([batches.collate([pack], 0, pad_to=trainer.seq_length if trainer.pipeline else 0)],
-                                      forward_only=True)
-    trainer.micro_batch_size = len(docs)
-    unpacked, _ = trainer._run_schedule(
-        [batches.collate(docs, 0, pad_to=trainer.seq_length if trainer.pipeline else 0)], forward_only=True)
-    return {"packed": packed, "unpacked": unpacked, "documents": len(docs)}
 
 
 def two_stage() -> dict:
@@ -130,7 +92,7 @@ def main():
     train(compose("lora_sft", ["experiment=tiny_lora", *COMMON, "parallel=single", f"run.output_dir={resumed}"]))
     if distributed.is_rank_zero():
         results["tp2_resumed_at_tp1"] = losses_of(resumed)
-    results["packing"] = {layout: packed_vs_unpacked(layout) for layout in ("dp2", "pp2")}
+    results["packing"] = {layout: packed_vs_unpacked(config(layout), ROOT / "packing") for layout in ("dp2", "pp2")}
     results["two_stage"] = two_stage()
     if distributed.is_rank_zero():
         Path(OUT).write_text(json.dumps(results, indent=2))
