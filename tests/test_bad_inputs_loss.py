@@ -4,6 +4,8 @@ import pytest
 
 from battery import BadInput, check
 
+from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
+
 TRAIN_ARGS = ["experiment=tiny_lora", "run.tensorboard=false", "trainer.train_split=sft",
               "trainer.validation_split=eval", "trainer.sft.max_steps=1"]
 
@@ -28,7 +30,9 @@ def cases(tiny_assets, tmp_path_factory):
                  env={"NEMOTUNE_LOSS_IMPL": "fused-ish"}, guard=guard, extra=no_metrics(bad_impl_run)),
         BadInput("bench_missing_tokenizer", ["bench.memory_vocab", "--tokenizer", str(root / "absent_tok")],
                  needles=["--tokenizer", "absent_tok", "does not exist"]),
-        BadInput("bench_missing_fiqa", ["bench.memory_vocab", "--fiqa", str(root / "absent.jsonl")],
+        # a tokenizer that exists (the packaged tiny one), so the refusal is the missing --fiqa file's
+        BadInput("bench_missing_fiqa", ["bench.memory_vocab", "--tokenizer", str(tiny_tokenizer_dir()),
+                                         "--fiqa", str(root / "absent.jsonl")],
                  needles=["--fiqa", "absent.jsonl", "does not exist"]),
     ]}
 

@@ -208,11 +208,16 @@ class Checkpointer:
     def load(self, trainer, ckpt: Path) -> None:
         from megatron.core import dist_checkpointing
 
-        from nemotune.converters.formats.safe_pickle import check_checkpoint_files
+        from nemotune.converters.formats.safe_pickle import UnsafeFileError, check_checkpoint_files
 
         payload = read_state(ckpt)  # names a damaged trainer_state.json
+        try:  # megatron / torch unpickle its .metadata: refuse anything but data first (and short shards)
+            check_checkpoint_files(ckpt)
+        except UnsafeFileError as err:
+            raise CheckpointError(f"{err}; set run.resume_from=previous to resume from the checkpoint before it "
+                                  f"(this one is left in place), or run.output_dir=<new dir> to start a new run") \
+                from None
         self._check_shard_sizes(ckpt, payload.get("dist_files") or {})  # a shard shorter than when saved
-        check_checkpoint_files(ckpt)  # megatron / torch unpickle its .metadata: refuse anything but data first
         saved_base = payload.get("base_model", {})
         if saved_base.get("sha256") and self.base_reference.get("sha256") and \
                 saved_base["sha256"] != self.base_reference["sha256"]:
