@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import REPO, TINY_HF, run_torchrun
+from dist.checks import plain_and_chunked_loss
 from nemotune.recipes.engine.loss import ENV_IMPL, chunk_tokens, linear_cross_entropy, loss_impl
 
 
@@ -132,17 +133,8 @@ def test_gpt_model_chunked_loss_equals_megatron_loss_tp1(monkeypatch):
     mask = torch.ones(2, 12)
     mask[0, :4] = 0  # a prompt: no loss, skipped by the chunked path
 
-    def run(impl):
-        monkeypatch.setenv(ENV_IMPL, impl)
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens, positions, None, labels=labels, loss_mask=mask)
-        (loss * mask).sum().backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain_loss, plain_grads = run("plain")
-    chunked_loss, chunked_grads = run("chunked")
-    # the chunked path ran: it skips prompt positions (loss 0) where megatron's path computes them
-    assert (chunked_loss[mask == 0] == 0).all() and (plain_loss[mask == 0] > 0).all()
+    results = plain_and_chunked_loss(model, tokens, positions, labels, mask)
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = results["plain"], results["chunked"]
     torch.testing.assert_close(chunked_loss * mask, plain_loss * mask, atol=1e-6, rtol=1e-6)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, atol=1e-6, rtol=1e-5, msg=name)

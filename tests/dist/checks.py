@@ -59,3 +59,26 @@ def packed_vs_unpacked(cfg, run_dir: Path, *, use_packed_seq_params: bool = Fals
     trainer.use_packed_seq_params = False
     unpacked, _ = trainer._run_schedule([batches.collate(docs, 0, pad_to=pad_to)], forward_only=True)
     return {"packed": packed, "unpacked": unpacked, "documents": len(docs)}
+
+
+def plain_and_chunked_loss(model, tokens, positions, labels, mask) -> dict:
+    """The model's per-token loss and every parameter's gradient through megatron's own loss path ("plain")
+    and through nemotune's chunked one ("chunked"), selected with NEMOTUNE_LOSS_IMPL for each pass."""
+    import os
+
+    from nemotune.recipes.engine.loss import ENV_IMPL
+
+    before = os.environ.get(ENV_IMPL)
+    results = {}
+    try:
+        for impl in ("plain", "chunked"):
+            os.environ[ENV_IMPL] = impl
+            model.zero_grad(set_to_none=True)
+            loss = model(tokens, positions, None, labels=labels, loss_mask=mask)
+            (loss * mask).sum().backward()
+            results[impl] = (loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    finally:
+        os.environ.pop(ENV_IMPL, None) if before is None else os.environ.__setitem__(ENV_IMPL, before)
+    # the chunked path ran: it skips prompt positions (loss 0) where megatron's path computes them
+    assert (results["chunked"][0][mask == 0] == 0).all() and (results["plain"][0][mask == 0] > 0).all()
+    return results

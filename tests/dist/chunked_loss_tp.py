@@ -6,18 +6,19 @@
    and the same gradient on every parameter of this rank as megatron's own path (NEMOTUNE_LOSS_IMPL=plain).
 Prints "chunked_loss_tp ok" on each rank.
 """
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.loss import ENV_IMPL, linear_cross_entropy
+from nemotune.recipes.engine.loss import linear_cross_entropy
 from nemotune.recipes.engine.model import build_gpt_model
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
 from conftest import TINY_HF  # noqa: E402
+
+from checks import plain_and_chunked_loss  # noqa: E402  (this folder is first on sys.path under torchrun)
 
 TOL = dict(atol=1e-6, rtol=1e-5)
 
@@ -60,18 +61,8 @@ def check_gpt_model(sequence_parallel: bool) -> None:
     mask = torch.ones(1, 16)
     mask[0, :5] = 0
 
-    def run(impl):
-        os.environ[ENV_IMPL] = impl
-        model.zero_grad(set_to_none=True)
-        loss = model(tokens, positions, None, labels=labels, loss_mask=mask)
-        (loss * mask).sum().backward()
-        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
-
-    plain_loss, plain_grads = run("plain")
-    chunked_loss, chunked_grads = run("chunked")
-    os.environ.pop(ENV_IMPL)
-    # the chunked path ran: it skips prompt positions (loss 0) where megatron's path computes them
-    assert (chunked_loss[mask == 0] == 0).all() and (plain_loss[mask == 0] > 0).all()
+    results = plain_and_chunked_loss(model, tokens, positions, labels, mask)
+    (plain_loss, plain_grads), (chunked_loss, chunked_grads) = results["plain"], results["chunked"]
     torch.testing.assert_close(chunked_loss * mask, plain_loss * mask, **TOL)
     for name, grad in plain_grads.items():
         torch.testing.assert_close(chunked_grads[name], grad, **TOL, msg=f"sp={sequence_parallel} {name}")
