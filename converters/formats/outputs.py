@@ -68,7 +68,8 @@ def _host() -> str:
     return re.sub(r"[^A-Za-z0-9_.]", "_", socket.gethostname().split(".")[0]) or "host"
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host still runs (another user's live process counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -138,7 +139,7 @@ def clean_stale(out: Path, *, verb: str, quiet: bool = False) -> list[Path]:
     removed, host = [], _host()
     for entry in sorted(parent.iterdir()):
         match = _TEMP.match(entry.name)
-        if not match or match["name"] != out.name or match["host"] != host or _pid_alive(int(match["pid"])):
+        if not match or match["name"] != out.name or match["host"] != host or pid_alive(int(match["pid"])):
             continue
         if match["kind"] == "old":
             if not out.exists() and not out.is_symlink():
@@ -168,7 +169,8 @@ def _say(line: str, quiet: bool) -> None:
         print(line, file=sys.stderr)
 
 
-def _disk_full(err: BaseException) -> bool:
+def disk_full(err: BaseException) -> bool:
+    """Whether an exception, or any it wraps (torch DCP's per-rank failures included), is a full disk."""
     seen, stack = set(), [err]
     while stack:
         current = stack.pop()
@@ -298,7 +300,7 @@ def output_target(out: str | Path, *, verb: str, overwrite: bool = False, is_dir
         free = _free_bytes(out.parent)
         _remove(tmp_root)
         interrupted = isinstance(err, (KeyboardInterrupt, SystemExit, GeneratorExit))
-        if not interrupted and (_disk_full(err) or (
+        if not interrupted and (disk_full(err) or (
                 not isinstance(err, ValueError) and free is not None and free < _LOW_SPACE)):
             raise error(f"{out}: no space left on device in {out.parent} while writing; the partial output was "
                         "removed -- free space or choose another output path") from err

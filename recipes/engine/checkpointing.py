@@ -13,7 +13,6 @@ Top-k checkpoints by val_loss are kept, plus the last.
 
 from __future__ import annotations
 
-import errno
 import json
 import shutil
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Optional
 import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
+from nemotune.converters.formats.outputs import disk_full
 from nemotune.recipes.engine import distributed
 from nemotune.recipes.engine.megatron_cpu import on_gpu
 from nemotune.recipes.engine.run_dir import OWNER_NAME, owner_record
@@ -69,25 +69,6 @@ def read_state(ckpt: Path) -> dict:
         raise CheckpointError(f"{path} is damaged ({reason}); set run.resume_from=previous to resume from the "
                               f"checkpoint before it (this one is left in place), or run.output_dir=<new dir> "
                               f"to start a new run") from None
-
-
-def _no_space(err: BaseException) -> bool:
-    """Whether an exception (or any it wraps, torch DCP's per-rank failures included) is ENOSPC."""
-    seen, todo = set(), [err]
-    while todo:
-        e = todo.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            return True
-        if "No space left on device" in str(e):
-            return True
-        todo += [e.__cause__, e.__context__]
-        failures = getattr(e, "failures", None)
-        if isinstance(failures, dict):
-            todo += [f for f in failures.values() if isinstance(f, BaseException)]
-    return False
 
 
 class Checkpointer:
@@ -151,7 +132,7 @@ class Checkpointer:
 
     def _agree(self, failure: Optional[BaseException], tmp: Path, final: Path) -> None:
         """All ranks learn whether any failed; then rank 0 removes the temporary and all raise one line."""
-        flag = torch.tensor([0 if failure is None else (2 if _no_space(failure) else 1)], dtype=torch.int32,
+        flag = torch.tensor([0 if failure is None else (2 if disk_full(failure) else 1)], dtype=torch.int32,
                             device=distributed.device())
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
         code = int(flag.item())

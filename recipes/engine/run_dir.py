@@ -24,6 +24,8 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from nemotune.converters.formats.outputs import pid_alive
+
 LOCK_NAME = ".nemotune-train.lock"
 OWNER_NAME = ".owner.json"  # inside a .tmp-step* dir: who is writing it
 TMP_PATTERN = ".tmp-step*"
@@ -39,16 +41,6 @@ def owner_record() -> dict:
             "started": time.strftime("%Y-%m-%dT%H:%M:%S")}
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def owner_is_gone(owner: dict) -> Optional[str]:
     """Why the recorded owner no longer runs (a phrase), or None when it may still run."""
     job = os.environ.get("SLURM_JOB_ID")
@@ -56,7 +48,7 @@ def owner_is_gone(owner: dict) -> Optional[str]:
         return f"an earlier run of Slurm job {job}"
     if owner.get("host") == socket.gethostname():
         pid = owner.get("pid")
-        if not isinstance(pid, int) or not _pid_alive(pid):
+        if not isinstance(pid, int) or not pid_alive(pid):
             return f"pid {pid} on {owner.get('host')} is not running"
     return None
 
