@@ -237,13 +237,32 @@ def _serving_tokenizer(out_dir: Path, tokenizer=None) -> str | None:
 
 
 def _write_generation_config(out_dir: Path, hf: Mapping[str, Any]) -> None:
-    """generation_config.json from the model config (transformers' own derivation), unless the source had one."""
-    if (out_dir / "generation_config.json").is_file():
-        return
-    from transformers import GenerationConfig, LlamaConfig
+    """generation_config.json: the source's, with the bos / eos / pad ids it lacks filled from the model config
+    and the tokenizer in ``out_dir`` (eos = the tokenizer's end-of-turn token, so generation stops there)."""
+    from transformers import GenerationConfig
 
-    fields = {k: v for k, v in hf.items() if k not in ("architectures",)}
-    GenerationConfig.from_model_config(LlamaConfig(**fields)).save_pretrained(str(out_dir))
+    from nemotune.converters.formats.tokenizer_files import special_token_ids
+
+    path = out_dir / "generation_config.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    tokens = special_token_ids(out_dir)
+    eos = hf.get("eos_token_id")
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if "eos" in tokens and tokens["eos"] not in eos:
+        eos.append(tokens["eos"])
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    fields = {"bos_token_id": first(hf.get("bos_token_id"), tokens.get("bos")),
+              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "pad_token_id": first(hf.get("pad_token_id"), tokens.get("pad"))}
+    if not existing:
+        existing = GenerationConfig().to_diff_dict()
+    for key, value in fields.items():
+        if existing.get(key) is None and value is not None:
+            existing[key] = value
+    path.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
 
 
 def refuse_adapter_checkpoint(path: str | Path) -> None:

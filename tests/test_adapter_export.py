@@ -275,6 +275,8 @@ def test_full_model_exports_hf_and_nemo(tiny_assets, tmp_path):
         assert (hf_out / name).is_file(), name
     assert (hf_out / "chat_template.jinja").read_text() == template
     assert sha256_text(template) == prep_template_sha256(tiny_assets["prep"])
+    generation = json.loads((hf_out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 4)  # <|begin_of_text|>, <|eot_id|>
     assert verify(hf_out, tiny_assets["mcore"]) <= 1e-5
 
     nemo = tmp_path / "sft.nemo"

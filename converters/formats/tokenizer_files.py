@@ -79,6 +79,25 @@ def ensure_chat_template(tokenizer_dir: Path) -> Optional[str]:
     return template
 
 
+def special_token_ids(tokenizer_dir: Path | str) -> dict[str, int]:
+    """{"bos" | "eos" | "pad": id} of the special tokens tokenizer_config.json names, resolved through
+    tokenizer.json's added tokens (what generation_config.json needs: a chat model stops at its end of turn)."""
+    tokenizer_dir = Path(tokenizer_dir)
+    try:
+        config = json.loads((tokenizer_dir / TOKENIZER_CONFIG).read_text(encoding="utf-8"))
+        added = json.loads((tokenizer_dir / "tokenizer.json").read_text(encoding="utf-8")).get("added_tokens", [])
+    except (OSError, ValueError):
+        return {}
+    by_content = {token.get("content"): token.get("id") for token in added if isinstance(token, dict)}
+    ids = {}
+    for role in ("bos", "eos", "pad"):
+        token = config.get(f"{role}_token")
+        token = token.get("content") if isinstance(token, dict) else token
+        if isinstance(by_content.get(token), int):
+            ids[role] = by_content[token]
+    return ids
+
+
 def llama3_chat_prompt_tokens(template: Optional[str]) -> Optional[dict]:
     """NeMo's ``data.chat_prompt_tokens`` for a Llama-3-style template (header / eot special tokens), else None.
 
