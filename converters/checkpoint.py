@@ -11,6 +11,7 @@ output is written to a temporary sibling and renamed into place only when comple
 from __future__ import annotations
 
 import json
+import logging
 import math
 import shutil
 import tempfile
@@ -38,11 +39,13 @@ from nemotune.converters.formats.mapping import NEMO_PREFIX, LlamaDims, megatron
 from nemotune.converters.formats.outputs import output_target
 
 VERB = "convert"
+EXPORT_VERB = "export"  # the full-model exports mark their outputs as `nemotune export`'s
+log = logging.getLogger("nemotune.converters")
 
 
-def _output(out, *, inputs, overwrite: bool, is_dir: bool = True):
+def _output(out, *, inputs, overwrite: bool, is_dir: bool = True, verb: str = VERB):
     """Where a conversion writes (see nemotune.converters.formats.outputs): refusals are ConversionErrors."""
-    return output_target(out, verb=VERB, overwrite=overwrite, is_dir=is_dir, inputs=inputs,
+    return output_target(out, verb=verb, overwrite=overwrite, is_dir=is_dir, inputs=inputs,
                          error=ConversionError)
 
 
@@ -143,12 +146,12 @@ def _bytes(size: int | str) -> int:
     return int(text)
 
 
-def _check_output(out, inputs, overwrite: bool, *, is_dir: bool = True) -> None:
+def _check_output(out, inputs, overwrite: bool, *, is_dir: bool = True, verb: str = VERB) -> None:
     """Refuse an output path before any model is built (the same checks run again when writing)."""
     from nemotune.converters.formats.outputs import OutputError, preflight
 
     try:
-        preflight(Path(out), verb=VERB, inputs=inputs, overwrite=overwrite,
+        preflight(Path(out), verb=verb, inputs=inputs, overwrite=overwrite,
                   overwrite_hint="--overwrite")
     except OutputError as err:
         raise ConversionError(str(err)) from None
@@ -186,22 +189,126 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overw
 def hf_to_nemo(hf_dir: str | Path, out_path: str | Path, *, dtype=None, overwrite: bool = False,
                progress: bool = True) -> Path:
     """HF Llama dir -> NeMo 1.x ``.nemo`` tarball (mcore keys prefixed ``model.``)."""
-    import yaml
-
     hf_dir = Path(hf_dir)
     _check_output(out_path, [hf_dir], overwrite, is_dir=False)
     hf, model, dtype = _model_from_hf(hf_dir, dtype, progress)
-    with _output(out_path, inputs=[hf_dir], overwrite=overwrite, is_dir=False) as tmp_file:
+    return _write_nemo(model, hf, dtype, hf_dir, out_path, inputs=[hf_dir], overwrite=overwrite)
+
+
+def _write_nemo(model, hf: Mapping[str, Any], dtype: torch.dtype, aux: Path | None, out_path: str | Path, *,
+                inputs, overwrite: bool, chat: bool = False, tokenizer=None, verb: str = VERB) -> Path:
+    """A full ``.nemo``: model_config.yaml, model_weights/ (NeMo's ``model.`` prefix) and hf/ (config + tokenizer
+    files from ``aux``, overlaid by ``tokenizer``); ``chat`` records the chat template under NeMo's keys."""
+    import yaml
+
+    from nemotune.converters.formats.checkpoint import nemo_chat_config
+
+    with _output(out_path, inputs=inputs, overwrite=overwrite, is_dir=False, verb=verb) as tmp_file:
         staging = tmp_file.parent / "staging"
         save_dist_checkpoint(model, staging / "model_weights", prefix=NEMO_PREFIX)
         config = nemo_model_config(hf, tokenizer_type=hf.get("_name_or_path") or "nemo:hf")
         config["precision"] = {torch.float32: 32, torch.bfloat16: "bf16", torch.float16: 16}[dtype]
-        (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
         (staging / "hf").mkdir()
-        copy_auxiliary_files(hf_dir, staging / "hf")
-        write_tar(staging, tmp_file, verb=VERB)
+        if aux is not None:
+            copy_auxiliary_files(Path(aux), staging / "hf")
+        if not (staging / "hf" / "config.json").is_file():
+            (staging / "hf" / "config.json").write_text(json.dumps(_hf_config_for_disk(hf), indent=2) + "\n")
+        if chat:
+            nemo_chat_config(config, _serving_tokenizer(staging / "hf", tokenizer), tokenizer_member="hf")
+        (staging / "model_config.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+        write_tar(staging, tmp_file, verb=verb)
         shutil.rmtree(staging)
     return Path(out_path)
+
+
+def _serving_tokenizer(out_dir: Path, tokenizer=None) -> str | None:
+    """Overlay ``tokenizer`` (a dir of tokenizer files) on ``out_dir`` and make sure chat_template.jinja is there;
+    returns the chat template (None, with a warning, when there is none)."""
+    from nemotune.converters.formats.tokenizer_files import TokenizerFilesError, ensure_chat_template, write_tokenizer
+
+    try:
+        template = write_tokenizer(out_dir, tokenizer) if tokenizer is not None else ensure_chat_template(out_dir)
+    except TokenizerFilesError as err:
+        raise ConversionError(str(err)) from None
+    if template is None:
+        log.warning("the export carries no chat template (the checkpoint has no tokenizer files with one); pass "
+                    "--tokenizer <the training tokenizer dir> to include it")
+    return template
+
+
+def _write_generation_config(out_dir: Path, hf: Mapping[str, Any]) -> None:
+    """generation_config.json: the source's, with the bos / eos / pad ids it lacks filled from the model config
+    and the tokenizer in ``out_dir`` (eos = the tokenizer's end-of-turn token, so generation stops there)."""
+    from transformers import GenerationConfig
+
+    from nemotune.converters.formats.tokenizer_files import special_token_ids
+
+    path = out_dir / "generation_config.json"
+    existing = json.loads(path.read_text()) if path.is_file() else {}
+    tokens = special_token_ids(out_dir)
+    eos = hf.get("eos_token_id")
+    eos = list(eos) if isinstance(eos, (list, tuple)) else [eos] if eos is not None else []
+    if "eos" in tokens and tokens["eos"] not in eos:
+        eos.append(tokens["eos"])
+
+    def first(*values):
+        return next((v for v in values if v is not None), None)
+
+    fields = {"bos_token_id": first(hf.get("bos_token_id"), tokens.get("bos")),
+              "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
+              "pad_token_id": first(hf.get("pad_token_id"), tokens.get("pad"))}
+    if not existing:
+        existing = GenerationConfig().to_diff_dict()
+    for key, value in fields.items():
+        if existing.get(key) is None and value is not None:
+            existing[key] = value
+    path.write_text(json.dumps(existing, indent=2, sort_keys=True) + "\n")
+
+
+def refuse_adapter_checkpoint(path: str | Path) -> None:
+    """A LoRA training checkpoint (or an adapter dir) is no full model: one line naming the commands that export it."""
+    path = Path(path)
+    if not path.is_dir():
+        return
+    adapter = path / "adapter" if (path / "adapter").is_dir() else path
+    state = path / "trainer_state.json"
+    scheme = None
+    if state.is_file():
+        try:
+            scheme = json.loads(state.read_text()).get("peft_scheme")
+        except ValueError:
+            scheme = None
+    markers = ("adapter_config.json", "nemotune_adapter.json", "adapter_weights.safetensors")
+    if adapter != path or scheme == "lora" or any((path / name).is_file() for name in markers):
+        raise ConversionError(f"{path}: an adapter-only checkpoint (LoRA), not a full model; export it with "
+                              f"`nemotune export hf-peft --adapter {adapter}` or `nemotune export merge --base "
+                              f"<base HF dir> --adapter {adapter}`")
+
+
+def export_hf(checkpoint: str | Path, out_dir: str | Path, *, tokenizer: str | Path | None = None,
+              max_shard_size: int | str = "5GB", dtype=None, overwrite: bool = False, progress: bool = True) -> Path:
+    """A full-model checkpoint (full-SFT step dir, Megatron checkpoint dir or ``.nemo``) -> HF dir for serving:
+    sharded safetensors + config.json + tokenizer files + chat_template.jinja + generation_config.json."""
+    refuse_adapter_checkpoint(checkpoint)
+    return megatron_to_hf(checkpoint, out_dir, max_shard_size=max_shard_size, dtype=dtype, overwrite=overwrite,
+                          progress=progress, tokenizer=tokenizer, serving=True, verb=EXPORT_VERB)
+
+
+def export_nemo(checkpoint: str | Path, out_path: str | Path, *, tokenizer: str | Path | None = None,
+                dtype=None, overwrite: bool = False) -> Path:
+    """A full-model checkpoint -> a full NeMo 1.x ``.nemo`` of the fine-tuned model: model_config.yaml (NeMo's
+    GPT keys plus ``data.chat``, ``data.chat_prompt_tokens`` and ``tokenizer.chat_template``), model_weights/
+    in NeMo's layout, and hf/ with config.json and the tokenizer files (``tokenizer.type: nemo:hf``)."""
+    refuse_adapter_checkpoint(checkpoint)
+    inputs = [checkpoint, tokenizer]
+    _check_output(out_path, inputs, overwrite, is_dir=False, verb=EXPORT_VERB)
+    with open_megatron_checkpoint(checkpoint) as (hf, weights, prefix, aux):
+        marker = json.loads((aux / MARKER_NAME).read_text()) if aux and (aux / MARKER_NAME).is_file() else {}
+        model_dtype = _dtype(dtype or marker.get("dtype"), torch.float32)
+        model = build_conversion_model(hf, model_dtype)
+        load_dist_checkpoint(model, weights, prefix=prefix)
+        return _write_nemo(model, hf, model_dtype, aux, out_path, inputs=inputs, overwrite=overwrite, chat=True,
+                           tokenizer=tokenizer, verb=EXPORT_VERB)
 
 
 def megatron_model_from_checkpoint(path: str | Path, *, dtype=torch.float32):
@@ -213,13 +320,15 @@ def megatron_model_from_checkpoint(path: str | Path, *, dtype=torch.float32):
 
 def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int | str = "5GB",
                    dtype=None, hf_dir: str | Path | None = None, overwrite: bool = False,
-                   progress: bool = True) -> Path:
+                   progress: bool = True, tokenizer: str | Path | None = None, serving: bool = False,
+                   verb: str = VERB) -> Path:
     """Megatron checkpoint dir or ``.nemo`` -> HF Llama dir (safetensors + config + tokenizer files).
 
-    ``hf_dir`` optionally supplies config/tokenizer files when the checkpoint carries none.
+    ``hf_dir`` optionally supplies config/tokenizer files when the checkpoint carries none; ``tokenizer`` (a dir)
+    overlays its tokenizer files; ``serving`` also writes chat_template.jinja and generation_config.json.
     """
-    inputs = [ckpt, hf_dir]
-    _check_output(out_dir, inputs, overwrite)
+    inputs = [ckpt, hf_dir, tokenizer]
+    _check_output(out_dir, inputs, overwrite, verb=verb)
     with open_megatron_checkpoint(ckpt) as (hf, weights, prefix, aux):
         dims = LlamaDims.from_hf(hf)
         marker = json.loads((aux / MARKER_NAME).read_text()) if aux and (aux / MARKER_NAME).is_file() else {}
@@ -233,13 +342,17 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
                  for name, tensor in state.items() if not name.endswith("_extra_state")
                  for hf_name, view in megatron_to_hf_views(name, tensor, dims, spec)]
         named.sort(key=lambda item: _hf_order(item[0]))
-        with _output(out_dir, inputs=inputs, overwrite=overwrite) as tmp:
+        with _output(out_dir, inputs=inputs, overwrite=overwrite, verb=verb) as tmp:
             write_hf_shards(named, tmp, max_shard_size=_bytes(max_shard_size), progress=progress)
             source = Path(hf_dir) if hf_dir else aux
             if source is not None:
                 copy_auxiliary_files(source, tmp)
             if not (tmp / "config.json").is_file():
                 (tmp / "config.json").write_text(json.dumps(_hf_config_for_disk(hf), indent=2) + "\n")
+            if serving or tokenizer is not None:
+                _serving_tokenizer(tmp, tokenizer)
+            if serving:
+                _write_generation_config(tmp, hf)
     return Path(out_dir)
 
 

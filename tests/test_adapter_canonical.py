@@ -124,7 +124,7 @@ def test_load_adapter_converts_to_the_requested_variant(hf, canonical_dir, tmp_p
     fused, fused_config = random_adapter(hf, variant="nemo", seed=4)
     fused_config.pop("variant")  # a dir written before the variant field: fused
     fused_dir = adapter_io.save_adapter(tmp_path / "old", fused, fused_config)
-    assert json.loads((fused_dir / "adapter_config.json").read_text())["variant"] == "nemo"
+    assert json.loads((fused_dir / "nemotune_adapter.json").read_text())["variant"] == "nemo"
     state, config = adapter_io.load_adapter(fused_dir, variant="canonical")
     assert config["variant"] == "canonical" and all("unfused" in k or "dense" in k or "4htoh" in k for k in state)
     with pytest.raises(adapter_io.AdapterError, match="peft.lora.variant=canonical"):

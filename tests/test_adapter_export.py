@@ -148,3 +148,154 @@ def test_bad_adapter_reports_every_problem(sharded_tiny_hf, tmp_path):
     assert "missing decoder.layers.1.mlp.adapter_layer.lora_4htoh_adapter.linear_in.weight" in message
     assert "lora_kqv_adapter.linear_out.weight: shape [96, 8], expected [128, 8]" in message
     assert not (tmp_path / "bad").exists()
+
+
+# ---- the training checkpoint's adapter dir is an HF PEFT adapter; the template travels with every export ------
+
+def tiny_tokenizer():
+    from transformers import AutoTokenizer
+
+    from nemotune.data_prep.tokenizer import tiny_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(str(tiny_tokenizer_dir()))
+
+
+def prep_template_sha256(prep_dir: Path) -> str:
+    """The chat template fingerprint prep recorded for the data it wrote."""
+    return json.loads((prep_dir / "manifest.json").read_text())["tokenizer"]["chat_template_sha256"]
+
+
+def sha256_text(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+@pytest.mark.parametrize("variant", ["canonical", "nemo"])
+def test_adapter_dir_loads_in_peft_with_the_logits_megatron_gives(sharded_tiny_hf, sharded_tiny_mcore, tmp_path,
+                                                                   variant):
+    """What training writes as <checkpoint>/adapter: peft.PeftModel.from_pretrained reads it as is (no key
+    warnings), transformers + PEFT give Megatron + LoRA's logits, and nemotune reads back the very tensors."""
+    from peft import LoraConfig
+
+    from nemotune.converters.checkpoint import verify
+
+    state, config = random_adapter(load_hf_config(sharded_tiny_hf), variant=variant, layer_selection=[1, 2])
+    adapter = adapter_io.save_adapter(tmp_path / "step0000004" / "adapter", state,
+                                      {**config, "base_model_name_or_path": str(sharded_tiny_hf)},
+                                      tokenizer=tiny_tokenizer())
+    written = json.loads((adapter / "adapter_config.json").read_text())
+    assert (written["peft_type"], written["task_type"], written["r"], written["lora_alpha"]) == \
+        ("LORA", "CAUSAL_LM", DIM, ALPHA)
+    assert written["layers_to_transform"] == [0, 1] and written["base_model_name_or_path"] == str(sharded_tiny_hf)
+    # PEFT's own schema: every key is a LoraConfig field, and LoraConfig writes back what we wrote
+    peft_dict = LoraConfig.from_pretrained(str(adapter)).to_dict()
+    for key, value in written.items():
+        expected = set(value) if key == "target_modules" else value
+        got = set(peft_dict[key]) if key == "target_modules" else peft_dict[key]
+        assert got == expected, key
+    ours = json.loads((adapter / "nemotune_adapter.json").read_text())
+    assert ours["variant"] == variant and ours["target_modules"] == list(adapter_io.TARGETS)
+    assert ours["layer_selection"] == [1, 2] and ours["base_model"]["hidden_size"] == 64
+    assert (adapter / "adapter_weights.safetensors").is_file() == (variant == "nemo")
+
+    input_ids = torch.randint(0, 1024, (1, 12), generator=torch.Generator().manual_seed(2))
+    served = peft_logits(sharded_tiny_hf, adapter, input_ids)
+    assert (served - logits(sharded_tiny_hf, input_ids)).abs().max() > 1e-2  # the adapter is in effect
+    assert verify(sharded_tiny_hf, sharded_tiny_mcore, adapter=adapter, peft_dir=adapter) <= 1e-5
+    loaded, loaded_config = adapter_io.load_adapter(adapter.parent)  # the checkpoint dir names its adapter
+    assert loaded_config["variant"] == variant and loaded.keys() == state.keys()
+    assert all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_adapter_dir_of_the_older_layout_still_loads(sharded_tiny_hf, tmp_path):
+    """Adapter dirs written before adapter/ became PEFT: nemotune's schema in adapter_config.json."""
+    from safetensors.torch import save_file
+
+    state, config = random_adapter(load_hf_config(sharded_tiny_hf), seed=5)
+    old = tmp_path / "old"
+    old.mkdir()
+    save_file(state, str(old / "adapter_weights.safetensors"))
+    (old / "adapter_config.json").write_text(json.dumps(config))
+    loaded, loaded_config = adapter_io.load_adapter(old)
+    assert loaded_config["dim"] == DIM and all(torch.equal(loaded[k], state[k]) for k in state)
+
+
+def test_every_adapter_export_carries_the_template_prep_used(tiny_assets, tmp_path):
+    """The adapter dir, HF PEFT, the LoRA .nemo and the merged model all hold the chat template prep formatted
+    the data with (its sha256 in the prep manifest), verbatim."""
+    tokenizer = tiny_tokenizer()
+    template = tokenizer.chat_template
+    assert sha256_text(template) == prep_template_sha256(tiny_assets["prep"])
+    state, config = random_adapter(load_hf_config(tiny_assets["base"]), variant="canonical")
+    adapter = adapter_io.save_adapter(tmp_path / "adapter", state, config, tokenizer=tokenizer)
+    assert (adapter / "chat_template.jinja").read_text() == template and (adapter / "tokenizer.json").is_file()
+
+    assert export_main(["hf-peft", "--adapter", str(adapter), "--out", str(tmp_path / "peft")]) == 0
+    assert (tmp_path / "peft" / "chat_template.jinja").read_text() == template
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(str(tmp_path / "peft")).chat_template == template
+
+    assert export_main(["nemo", "--adapter", str(adapter), "--out", str(tmp_path / "lora.nemo")]) == 0
+    _, nemo_config = adapter_io.read_nemo_lora(tmp_path / "lora.nemo")
+    assert nemo_config["tokenizer"]["chat_template"] == template and nemo_config["data"]["chat"] is True
+    assert nemo_config["data"]["chat_prompt_tokens"]["end_of_turn"] == "<|eot_id|>"
+    assert nemo_config["tokenizer"]["type"] == "nemo:tokenizer"
+    with tarfile.open(tmp_path / "lora.nemo") as archive:
+        members = {m.name.removeprefix("./") for m in archive.getmembers() if m.isfile()}
+    assert {"tokenizer/tokenizer.json", "tokenizer/chat_template.jinja", "model_weights.ckpt"} <= members
+
+    assert export_main(["merge", "--adapter", str(adapter), "--base", str(tiny_assets["base"]),
+                        "--out", str(tmp_path / "merged"), "--no-progress"]) == 0
+    assert (tmp_path / "merged" / "chat_template.jinja").read_text() == template
+
+    # an adapter without tokenizer files takes its checkpoint's hf/ (where training saves the tokenizer)
+    bare = adapter_io.save_adapter(tmp_path / "ckpt" / "adapter", state, config)
+    tokenizer.save_pretrained(str(tmp_path / "ckpt" / "hf"))
+    assert export_main(["hf-peft", "--adapter", str(bare), "--out", str(tmp_path / "peft2")]) == 0
+    assert (tmp_path / "peft2" / "chat_template.jinja").read_text() == template
+
+
+def test_full_model_exports_hf_and_nemo(tiny_assets, tmp_path):
+    """export hf: sharded safetensors + config + generation_config + tokenizer + chat template, transformers'
+    logits == Megatron's; export nemo: NeMo's SFT keys and the template, and our nemo-to-hf gives the same
+    tensors bit for bit."""
+    from safetensors.torch import load_file
+
+    from nemotune.converters.checkpoint import verify
+    from nemotune.converters.convert import main as convert_main
+
+    template = tiny_tokenizer().chat_template
+    hf_out = tmp_path / "hf"
+    assert export_main(["hf", "--checkpoint", str(tiny_assets["mcore"]), "--out", str(hf_out),
+                        "--max-shard-size", "200KB", "--no-progress"]) == 0
+    assert len(list(hf_out.glob("model-*.safetensors"))) > 1 and (hf_out / "model.safetensors.index.json").is_file()
+    for name in ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json"):
+        assert (hf_out / name).is_file(), name
+    assert (hf_out / "chat_template.jinja").read_text() == template
+    assert sha256_text(template) == prep_template_sha256(tiny_assets["prep"])
+    generation = json.loads((hf_out / "generation_config.json").read_text())
+    assert (generation["bos_token_id"], generation["eos_token_id"]) == (0, 4)  # <|begin_of_text|>, <|eot_id|>
+    assert verify(hf_out, tiny_assets["mcore"]) <= 1e-5
+
+    nemo = tmp_path / "sft.nemo"
+    assert export_main(["nemo", "--checkpoint", str(tiny_assets["mcore"]), "--out", str(nemo)]) == 0
+    with tarfile.open(nemo) as archive:
+        members = {m.name.removeprefix("./") for m in archive.getmembers() if m.isfile()}
+        config = yaml.safe_load(archive.extractfile("./model_config.yaml").read())
+    assert {"hf/tokenizer.json", "hf/chat_template.jinja", "hf/config.json", "model_weights/.metadata"} <= members
+    assert (config["mcore_gpt"], config["tensor_model_parallel_size"], config["pipeline_model_parallel_size"]) == \
+        (True, 1, 1)
+    assert config["data"]["chat"] is True and config["data"]["chat_prompt_tokens"]["turn_start"] == \
+        "<|start_header_id|>"
+    assert config["tokenizer"]["chat_template"] == template and config["tokenizer"]["type"] == "nemo:hf"
+    back = tmp_path / "back"
+    assert convert_main(["nemo-to-hf", "--nemo", str(nemo), "--out", str(back), "--no-progress"]) == 0
+    ours = load_file(str(back / "model.safetensors"))
+    exported = {}
+    for shard in hf_out.glob("model-*.safetensors"):
+        exported.update(load_file(str(shard)))
+    assert ours.keys() == exported.keys()
+    assert all(torch.equal(ours[k], exported[k]) for k in ours)
+    assert (back / "chat_template.jinja").read_text() == template

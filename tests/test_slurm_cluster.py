@@ -184,10 +184,10 @@ def test_submitted_job_trains_on_two_ranks(completed_job, tiny_assets):
     assert (state["step"], state["consumed_samples"], state["world_size"]) == (STEPS, STEPS * GLOBAL_BATCH, 2)
     assert state["val_loss"] == pytest.approx(val[0]["val/loss"])
     adapter = run_dir / "checkpoints" / f"step{STEPS:07d}" / "adapter"
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / "nemotune_adapter.json").read_text())
     assert (config["dim"], config["alpha"], config["variant"], config["base_checkpoint"]) == \
         (8, 16, LoraConfig().variant, str(tiny_assets["mcore"]))
-    weights = load_file(adapter / "adapter_weights.safetensors")
+    weights = load_file(adapter / "adapter_model.safetensors")  # PEFT's file: adapter/ is an HF PEFT adapter
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
     # LoRA B starts at zero: trained adapters have moved away from it
     assert any(t.abs().sum() > 0 for k, t in weights.items() if "linear_out" in k or "lora_B" in k), list(weights)

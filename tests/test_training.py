@@ -172,3 +172,8 @@ def test_adapters_trained_under_tp2_and_pp2_serve_with_the_same_logits(parity, t
             merged_logits = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(ids).logits
         torch.testing.assert_close(merged_logits, served, rtol=0, atol=1e-5)
         assert (served - base_logits).abs().max() > 1e-4  # the trained adapter changes the model
+        # the checkpoint's adapter/ is itself an HF PEFT adapter: peft reads it as is
+        fresh = AutoModelForCausalLM.from_pretrained(str(tiny_assets["base"]), dtype=torch.float32).eval()
+        with torch.no_grad():
+            direct = PeftModel.from_pretrained(fresh, str(adapter)).eval()(ids).logits
+        torch.testing.assert_close(direct, served, rtol=0, atol=1e-6)

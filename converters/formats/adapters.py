@@ -1,10 +1,20 @@
-"""LoRA adapters: the consolidated Megatron adapter dir, HF PEFT, NeMo 1.x ``.nemo`` LoRA, and merging.
+"""LoRA adapters: the training checkpoint's adapter dir (an HF PEFT adapter), HF PEFT, NeMo 1.x ``.nemo`` LoRA, merging.
 
-Consolidated adapter dir (what training writes; full TP=1 tensors, NeMo mcore keys without ``model.``):
-  adapter_weights.safetensors  decoder.layers.N.<block>.adapter_layer.<adapter>.linear_{in,out}.weight ...
-  adapter_config.json          {"dim", "alpha", "dropout", "target_modules" (Megatron names), "layer_selection"
-                                (1-based layer numbers, as in NeMo; null = all), "variant" ("canonical" | "nemo";
-                                "nemo" when absent), "base_model" (HF config), "base_model_name_or_path", ...}
+The adapter dir training writes (``<checkpoint>/adapter``; full TP=1 tensors) is itself a valid HF PEFT adapter
+(``peft.PeftModel.from_pretrained(base, <checkpoint>/adapter)``, vLLM ``--lora-modules``, the Hub):
+  adapter_config.json          PEFT's schema (peft_type LORA, task_type CAUSAL_LM, r, lora_alpha, target_modules
+                               with HF names, layers_to_transform from 0, ...), as ``peft.LoraConfig`` writes it
+  adapter_model.safetensors    PEFT keys: base_model.model.model.layers.N.<module>.lora_{A,B}.weight
+  nemotune_adapter.json        nemotune's metadata: {"dim", "alpha", "dropout", "target_modules" (Megatron names),
+                               "layer_selection" (1-based, as in NeMo; null = all), "variant", "base_model" (HF
+                               config), "base_model_name_or_path", "base_checkpoint", ...}
+  adapter_weights.safetensors  variant nemo only: the fused Megatron tensors (NeMo mcore keys without ``model.``);
+                               a fused adapter shares one A across q, k, v (gate, up), which PEFT can only hold
+                               as copies, so these are what nemotune reads back; the PEFT files beside them are
+                               the same adapter with A copied per module (exact for serving)
+  tokenizer files + chat_template.jinja   the training tokenizer, when the writer is given it
+Directories written before this layout (``adapter_config.json`` holding nemotune's schema) are still read.
+
 Effective weight of a target: W + (alpha / dim) * linear_out @ linear_in, with linear_in (A) [dim, in] and
 linear_out (B) [out, dim].
 
@@ -43,6 +53,7 @@ log = logging.getLogger("nemotune.converters")
 
 ADAPTER_WEIGHTS = "adapter_weights.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+NEMOTUNE_CONFIG = "nemotune_adapter.json"
 PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
 VARIANTS = ("canonical", "nemo")
@@ -210,25 +221,59 @@ def random_adapter(config: Mapping[str, Any], *, seed: int = 0, std: float = 0.1
     return {key: std * torch.randn(shape, generator=generator) for key, shape in expected_keys(config).items()}
 
 
-def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Path:
-    """Write the consolidated adapter dir (validated; tensors saved contiguous on the CPU)."""
+def save_adapter(out_dir: str | Path, state_dict: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
+                 tokenizer: Any = None) -> Path:
+    """Write a training checkpoint's adapter dir (validated; see the module docstring for the layout): an HF PEFT
+    adapter plus ``nemotune_adapter.json`` (plus the fused tensors for variant nemo), and, given ``tokenizer`` (a
+    tokenizer object or a dir of tokenizer files), its files and ``chat_template.jinja``."""
     from safetensors.torch import save_file
 
     from nemotune.converters.formats.outputs import output_target
+    from nemotune.converters.formats.tokenizer_files import write_tokenizer
 
     config = {"dropout": 0.0, "layer_selection": None, "base_model_name_or_path": None, **dict(config)}
     config["variant"] = variant_of(config)
     validate_adapter(state_dict, config)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    peft_state, peft_config = to_peft(state, config)
     with output_target(out_dir, verb="train", overwrite=True, error=AdapterError) as tmp:
-        save_file({k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}, str(tmp / ADAPTER_WEIGHTS),
-                  metadata={"format": "pt", "producer": "nemotune"})
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        if tokenizer is not None:
+            write_tokenizer(tmp, tokenizer, what="tokenizer")
+        save_file(peft_state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
+        if config["variant"] == "nemo":
+            save_file(state, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt", "producer": "nemotune"})
+        (tmp / NEMOTUNE_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
     return Path(out_dir)
+
+
+def _full_model_checkpoint(path: Path) -> bool:
+    """A Megatron checkpoint dir, a full-SFT training checkpoint or a base-model .nemo (not an adapter)."""
+    if path.is_dir():
+        return any((path / name).is_dir() for name in ("weights", "dist", "model_weights")) \
+            or (path / "model_config.yaml").is_file()
+    return path.is_file() and path.suffix == ".nemo"
+
+
+def adapter_dir_of(path: str | Path) -> Path:
+    """The adapter dir ``path`` names: itself, or ``<path>/adapter`` for a LoRA training checkpoint; refuses a
+    full-model checkpoint in one line naming the command that exports it."""
+    path = Path(path)
+    if path.is_dir() and (path / "adapter").is_dir() and not (path / ADAPTER_CONFIG).is_file():
+        return path / "adapter"
+    if _full_model_checkpoint(path):
+        raise AdapterError(f"{path}: a full-model checkpoint, not an adapter; export it with `nemotune export hf "
+                           f"--checkpoint {path}` or `nemotune export nemo --checkpoint {path}`")
+    if not path.exists():
+        raise AdapterError(f"{path}: no such adapter dir; pass <checkpoint>/adapter of a LoRA training run, or an "
+                           "HF PEFT dir")
+    return path
 
 
 def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Path | None = None,
                  variant: str | None = None, stack: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read a consolidated adapter dir, or an HF PEFT LoRA dir (imported 1:1 as the canonical variant).
+    """Read a training checkpoint's adapter dir (or the checkpoint dir holding it), an older nemotune adapter dir,
+    or an HF PEFT LoRA dir (imported 1:1 as the canonical variant).
 
     ``variant`` converts to that variant (None: keep the dir's own; "canonical" for PEFT); see
     :func:`convert_adapter` for when canonical -> nemo is exact and what ``stack`` does. For a PEFT dir the
@@ -237,10 +282,23 @@ def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Pat
     """
     from safetensors.torch import load_file
 
-    path = Path(path)
+    path = adapter_dir_of(path)
     if variant is not None and variant not in VARIANTS:
         raise AdapterError(f"variant={variant!r}: use one of {list(VARIANTS)}")
-    if (path / ADAPTER_WEIGHTS).is_file():
+    if (path / NEMOTUNE_CONFIG).is_file():
+        config = read_config_json(path / NEMOTUNE_CONFIG)
+        config["variant"] = variant_of(config)
+        if (path / ADAPTER_WEIGHTS).is_file():
+            state = load_file(str(path / ADAPTER_WEIGHTS))
+        else:
+            state, _ = _load_peft(path, base_config or config.get("base_model"))
+            if config["variant"] != "canonical":
+                state, _ = convert_adapter(state, {**config, "variant": "canonical"}, config["variant"])
+        validate_adapter(state, config)
+    elif (path / ADAPTER_CONFIG).is_file() and "peft_type" not in read_config_json(path / ADAPTER_CONFIG):
+        if not (path / ADAPTER_WEIGHTS).is_file():  # nemotune's schema under PEFT's name, weights missing
+            raise AdapterError(f"{path / ADAPTER_CONFIG}: no 'peft_type' key (nemotune's older adapter schema) and no "
+                               f"{ADAPTER_WEIGHTS} beside it; pass the complete adapter dir of the checkpoint")
         state = load_file(str(path / ADAPTER_WEIGHTS))
         config = read_config_json(path / ADAPTER_CONFIG)
         config["variant"] = variant_of(config)
@@ -248,10 +306,38 @@ def load_adapter(path: str | Path, *, base_config: Mapping[str, Any] | str | Pat
     elif (path / ADAPTER_CONFIG).is_file():
         state, config = _load_peft(path, base_config)
     else:
-        raise AdapterError(f"{path}: neither a nemotune adapter dir ({ADAPTER_WEIGHTS}) nor an HF PEFT dir")
+        raise AdapterError(f"{path}: not an adapter dir (no {ADAPTER_CONFIG}); pass <checkpoint>/adapter of a "
+                           "LoRA training run, or an HF PEFT dir")
     if variant is not None and variant != config["variant"]:
         state, config = convert_adapter(state, config, variant, stack=stack)
     return state, config
+
+
+def adapter_tokenizer_dir(adapter_dir: str | Path) -> Optional[Path]:
+    """Where the training tokenizer of an adapter is: the adapter dir itself, else its checkpoint's ``hf/``."""
+    from nemotune.converters.formats.tokenizer_files import has_tokenizer
+
+    adapter_dir = adapter_dir_of(adapter_dir)
+    for candidate in (adapter_dir, adapter_dir.parent / "hf"):
+        if has_tokenizer(candidate):
+            return candidate
+    return None
+
+
+def _export_tokenizer(tmp: Path, adapter_dir, tokenizer) -> Optional[str]:
+    """Write the training tokenizer and its chat template into an export (``tokenizer``, a dir, overrides the
+    one found with the adapter); returns the template, or None (with a warning) when there is none to write."""
+    from nemotune.converters.formats.tokenizer_files import TokenizerFilesError, write_tokenizer
+
+    source = tokenizer or adapter_tokenizer_dir(adapter_dir)
+    if source is None:
+        log.warning("no tokenizer files with the adapter %s (nor in its checkpoint's hf/): the export carries no "
+                    "chat template; pass --tokenizer <the training tokenizer dir> to include it", adapter_dir)
+        return None
+    try:
+        return write_tokenizer(tmp, source)
+    except TokenizerFilesError as err:
+        raise AdapterError(str(err)) from None
 
 
 # ---- one form for every conversion: (A, B) per HF module -------------------------------------------------------
@@ -463,8 +549,10 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_name_or_path: str | None = None,
-                   overwrite: bool = False) -> Path:
-    """Consolidated adapter (either variant) -> HF PEFT dir (adapter_config.json + adapter_model.safetensors)."""
+                   tokenizer: str | Path | None = None, overwrite: bool = False) -> Path:
+    """Adapter (either variant, any layout load_adapter reads) -> HF PEFT dir: adapter_config.json +
+    adapter_model.safetensors + the training tokenizer's files and chat_template.jinja (from ``tokenizer``, else
+    the adapter dir, else its checkpoint's ``hf/``)."""
     from safetensors.torch import save_file
 
     from nemotune.converters.formats.outputs import output_target
@@ -474,6 +562,7 @@ def export_hf_peft(adapter_dir: str | Path, out_dir: str | Path, *, base_model_n
     peft_state, peft_config = to_peft(state, config, base_model_name_or_path=base_model_name_or_path)
     with output_target(out_dir, verb=EXPORT_VERB, overwrite=overwrite, inputs=[adapter_dir],
                        error=AdapterError) as tmp:
+        _export_tokenizer(tmp, adapter_dir, tokenizer)
         save_file(peft_state, str(tmp / PEFT_WEIGHTS), metadata={"format": "pt"})
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
     return Path(out_dir)
@@ -502,12 +591,14 @@ def nemo_peft_section(config: Mapping[str, Any]) -> dict:
     }
 
 
-def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Consolidated adapter -> NeMo 1.x LoRA ``.nemo`` (model_config.yaml with ``peft`` + model_weights.ckpt),
-    in the adapter's own variant."""
+def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, tokenizer: str | Path | None = None,
+                     overwrite: bool = False) -> Path:
+    """Adapter -> NeMo 1.x LoRA ``.nemo`` (model_config.yaml with ``peft`` + model_weights.ckpt), in the adapter's
+    own variant; with the training tokenizer (``tokenizer``, else the adapter's) its files go in ``tokenizer/``
+    inside the archive and its chat template into model_config.yaml (see ``nemo_chat_config``)."""
     import yaml
 
-    from nemotune.converters.formats.checkpoint import nemo_model_config, write_tar
+    from nemotune.converters.formats.checkpoint import nemo_chat_config, nemo_model_config, write_tar
     from nemotune.converters.formats.outputs import output_target
 
     _check_export_output(out_path, [adapter_dir], overwrite)
@@ -533,7 +624,12 @@ def export_nemo_lora(adapter_dir: str | Path, out_path: str | Path, *, overwrite
     with output_target(out_path, verb=EXPORT_VERB, overwrite=overwrite, is_dir=False, inputs=[adapter_dir],
                        error=AdapterError) as tmp_file:
         staging = tmp_file.parent / "staging"
-        staging.mkdir()
+        (staging / "tokenizer").mkdir(parents=True)
+        template = _export_tokenizer(staging / "tokenizer", adapter_dir, tokenizer)
+        if any((staging / "tokenizer").iterdir()):
+            nemo_chat_config(model_config, template, tokenizer_member="tokenizer")
+        else:
+            (staging / "tokenizer").rmdir()
         (staging / "model_config.yaml").write_text(yaml.safe_dump(model_config, sort_keys=False))
         torch.save(nemo_state, staging / "model_weights.ckpt")
         write_tar(staging, tmp_file, verb=EXPORT_VERB)
@@ -572,8 +668,10 @@ def lora_deltas(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 
 
 def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,
-                  overwrite: bool = False, progress: bool = True) -> Path:
-    """Base HF checkpoint + adapter -> full HF checkpoint with W + alpha/dim * B @ A, shard by shard."""
+                  tokenizer: str | Path | None = None, overwrite: bool = False, progress: bool = True) -> Path:
+    """Base HF checkpoint + adapter -> full HF checkpoint with W + alpha/dim * B @ A, shard by shard; the base's
+    config files, then the training tokenizer's files and chat_template.jinja (``tokenizer``, else the adapter's;
+    else the base's own are kept)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
@@ -609,6 +707,12 @@ def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str
         if (hf_base_dir / INDEX_NAME).is_file():
             (tmp / INDEX_NAME).write_text((hf_base_dir / INDEX_NAME).read_text())
         copy_auxiliary_files(hf_base_dir, tmp)
+        if tokenizer is not None or adapter_tokenizer_dir(adapter_dir) is not None:
+            _export_tokenizer(tmp, adapter_dir, tokenizer)
+        else:
+            from nemotune.converters.formats.tokenizer_files import ensure_chat_template
+
+            ensure_chat_template(tmp)  # the base's own template, as chat_template.jinja too
         if applied != set(deltas):
             raise AdapterError(f"base checkpoint lacks adapted weights {sorted(set(deltas) - applied)}")
     return Path(out_dir)

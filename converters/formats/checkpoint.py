@@ -362,6 +362,28 @@ def nemo_model_config(hf: Mapping[str, Any], *, tokenizer_type: str | None = Non
     }
 
 
+def nemo_chat_config(model_config: dict, template: str | None, *, tokenizer_member: str) -> dict:
+    """Record in a model_config.yaml the tokenizer files at ``tokenizer_member/`` inside the archive and the
+    chat template that trained the model, under NeMo's keys (in place; returns ``model_config``):
+
+      data.chat, data.chat_prompt_tokens  NeMo-Aligner examples/nlp/gpt/conf/gpt_sft.yaml (``model.data.chat``,
+                                          ``model.data.chat_prompt_tokens`` {system_turn_start, turn_start,
+                                          label_start, end_of_turn, end_of_name})
+      tokenizer.chat_template             NeMo nemo/collections/nlp/models/language_modeling/megatron_base_model.py
+                                          (``_build_tokenizer`` passes ``cfg.tokenizer.chat_template`` to
+                                          ``get_nmt_tokenizer``): the Jinja template, verbatim
+    ``chat_prompt_tokens`` are filled for Llama-3-style templates (NeMo's turn shape with Llama-3's header / eot
+    tokens) and null otherwise; the verbatim template is authoritative.
+    """
+    from nemotune.converters.formats.tokenizer_files import llama3_chat_prompt_tokens
+
+    model_config["tokenizer"] = {**model_config.get("tokenizer", {}), "library": "huggingface",
+                                 "type": f"nemo:{tokenizer_member}", "chat_template": template}
+    model_config["data"] = {**model_config.get("data", {}), "chat": template is not None,
+                            "chat_prompt_tokens": llama3_chat_prompt_tokens(template)}
+    return model_config
+
+
 def hf_config_from_nemo(cfg: Mapping[str, Any], vocab_size: int) -> dict:
     """Rebuild an HF Llama config from a NeMo model_config.yaml (for .nemo files without an ``hf/`` folder)."""
     if not cfg.get("mcore_gpt", False):
