@@ -111,11 +111,18 @@ def _dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
 
 
 def _hf_config_for_disk(hf: Mapping[str, Any]) -> dict:
-    from transformers import LlamaConfig
+    """config.json of the family's own transformers config class (the derived keys left out)."""
+    import transformers
 
-    fields = {k: v for k, v in hf.items() if k not in ("architectures",)}
-    config = LlamaConfig(**fields)
-    config.architectures = ["LlamaForCausalLM"]
+    from nemotune.converters.formats.hf_config import DERIVED_KEYS
+
+    architecture = hf["architectures"][0]
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    fields = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", *DERIVED_KEYS)}
+    if architecture == "NemotronForCausalLM":
+        fields.pop("rms_norm_eps", None)
+    config = config_class(**fields)
+    config.architectures = [architecture]
     return config.to_dict()
 
 
