@@ -1,0 +1,198 @@
+"""The supported families through the same tables, each on a tiny random model of its own transformers class:
+the mapping table against the class's state dict, the builder field by field, HF -> Megatron -> HF and
+HF -> .nemo -> HF bit-exact with NeMo's key names, `convert verify` against transformers, and the real
+models' parameter counts on the meta device (conf/model/)."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from nemotune.converters import checkpoint
+from nemotune.converters.formats import checkpoint as checkpoint_files
+from nemotune.converters.formats.hf_config import load_hf_config
+from nemotune.converters.formats.mapping import FAMILY_ROWS, LlamaDims, expected_hf_shapes, family_rules
+from nemotune.converters.tiny_model import TINY_FAMILIES, tiny_family_config, write_tiny_llama
+
+FAMILIES = list(TINY_FAMILIES)
+CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
+
+# NeMo key names (prefixed, layers stacked) each family's .nemo must hold / must not hold
+NEMO_KEYS = {
+    "llama": ({"model.decoder.layers.mlp.linear_fc1.layer_norm_weight", "model.output_layer.weight"}, set()),
+    "llama32": ({"model.embedding.word_embeddings.weight"}, {"model.output_layer.weight"}),
+    "nano4b": ({"model.decoder.layers.self_attention.linear_qkv.weight"}, set()),
+    "mistral": ({"model.decoder.layers.self_attention.linear_proj.weight"}, set()),
+    "qwen2": ({"model.decoder.layers.self_attention.linear_qkv.bias"}, {"model.output_layer.weight"}),
+    "qwen3": ({"model.decoder.layers.self_attention.q_layernorm.weight",
+               "model.decoder.layers.self_attention.k_layernorm.weight"},
+              {"model.decoder.layers.self_attention.linear_qkv.bias"}),
+    "nemotron": ({"model.decoder.layers.self_attention.linear_qkv.layer_norm_bias",
+                  "model.decoder.layers.mlp.linear_fc1.layer_norm_bias", "model.decoder.final_layernorm.bias"},
+                 {"model.decoder.layers.mlp.linear_fc1.bias"}),
+}
+
+
+def hf_tensors(path: Path) -> dict:
+    state = {}
+    for shard in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(shard)))
+    return state
+
+
+def assert_bit_exact(a: Path, b: Path):
+    sa, sb = hf_tensors(a), hf_tensors(b)
+    assert sa.keys() == sb.keys()
+    for name in sa:
+        assert sa[name].dtype == sb[name].dtype and torch.equal(sa[name], sb[name]), name
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """family -> (HF dir, Megatron dir, .nemo): built once per family, on first use."""
+    cache: dict[str, tuple[Path, Path, Path]] = {}
+
+    def get(family: str):
+        if family not in cache:
+            root = tmp_path_factory.mktemp(family)
+            hf = write_tiny_llama(root / "hf", family=family, seed=7, copy_tokenizer=False)
+            mcore = checkpoint.hf_to_megatron(hf, root / "mcore", progress=False)
+            nemo = checkpoint.hf_to_nemo(hf, root / "tiny.nemo", progress=False)
+            cache[family] = hf, mcore, nemo
+        return cache[family]
+
+    return get
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_table_names_every_tensor_of_the_transformers_class(family):
+    """expected_hf_shapes (what the converters read and write) is exactly the class's state dict."""
+    import transformers
+
+    config = tiny_family_config(family)
+    with torch.device("meta"):
+        model = getattr(transformers, type(config).__name__.replace("Config", "ForCausalLM"))(config)
+    theirs = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    if config.tie_word_embeddings:
+        theirs.pop("lm_head.weight", None)
+    hf = load_hf_config({**config.to_dict(), "architectures": [type(model).__name__]})
+    assert expected_hf_shapes(LlamaDims.from_hf(hf)) == theirs
+    # every HF name has exactly one rule, and each family's named rows are there
+    rules = family_rules(LlamaDims.from_hf(hf))
+    hf_names = [n for rule in rules for n in rule.hf]
+    assert len(hf_names) == len(set(hf_names))
+    named = {"qkv_bias": "model.layers.*.self_attn.q_proj.bias", "qk_norm": "model.layers.*.self_attn.q_norm.weight",
+             "norm_bias": "model.norm.bias", "mlp_without_gate": "model.layers.*.mlp.up_proj.weight"}
+    for row in FAMILY_ROWS[hf["family"]]:
+        assert named[row] in hf_names, row
+    assert ("model.layers.*.mlp.gate_proj.weight" in hf_names) is ("mlp_without_gate" not in FAMILY_ROWS[hf["family"]])
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_builder_maps_each_hf_field(family):
+    from nemotune.recipes.engine.model import transformer_config_from_hf
+
+    config = tiny_family_config(family)
+    hf = load_hf_config({**config.to_dict(),
+                         "architectures": [type(config).__name__.replace("Config", "ForCausalLM")]})
+    cfg = transformer_config_from_hf(hf)
+    nemotron = family == "nemotron"
+    assert (cfg.num_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.ffn_hidden_size) == (
+        config.num_hidden_layers, config.hidden_size, config.num_attention_heads, config.num_key_value_heads,
+        config.intermediate_size)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    assert cfg.kv_channels == head_dim
+    assert (head_dim * config.num_attention_heads != config.hidden_size) is (family in ("mistral", "nano4b"))
+    assert cfg.layernorm_epsilon == (config.norm_eps if nemotron else config.rms_norm_eps)
+    assert cfg.normalization == ("LayerNorm" if nemotron else "RMSNorm")
+    assert cfg.layernorm_zero_centered_gamma is nemotron
+    assert cfg.gated_linear_unit is not nemotron
+    x = torch.linspace(-2, 2, 9)
+    expected = torch.relu(x) ** 2 if nemotron else torch.nn.functional.silu(x)
+    assert torch.equal(cfg.activation_func(x), expected)
+    assert cfg.add_qkv_bias is (family == "qwen2") and cfg.add_bias_linear is False
+    assert cfg.qk_layernorm is (family == "qwen3")
+    assert hf["partial_rotary_factor"] == (0.5 if nemotron else 1.0)
+    assert hf["tie_word_embeddings"] is bool(config.tie_word_embeddings)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_conversions_are_bit_exact_and_verify_against_transformers(family, converted, tmp_path):
+    from megatron.core import dist_checkpointing
+
+    hf, mcore, nemo = converted(family)
+    back = checkpoint.megatron_to_hf(mcore, tmp_path / "from_mcore", progress=False)
+    assert_bit_exact(hf, back)
+    back_nemo = checkpoint.megatron_to_hf(nemo, tmp_path / "from_nemo", progress=False)
+    assert_bit_exact(hf, back_nemo)
+    with checkpoint_files.open_megatron_checkpoint(nemo) as (_, weights, prefix, _aux):
+        keys = set(dist_checkpointing.load_tensors_metadata(str(weights)))
+    present, absent = NEMO_KEYS[family]
+    assert prefix == "model." and present <= keys and not absent & keys, sorted(keys)
+    with tarfile.open(nemo) as archive:
+        nemo_cfg = yaml.safe_load(archive.extractfile("./model_config.yaml"))
+    assert nemo_cfg["normalization"] == ("layernorm1p" if family == "nemotron" else "rmsnorm")
+    assert nemo_cfg["activation"] == ("squared-relu" if family == "nemotron" else "fast-swiglu")
+    assert nemo_cfg["qkv_bias"] is (family == "qwen2") and nemo_cfg["qk_layernorm"] is (family == "qwen3")
+    diff = checkpoint.verify(hf, mcore)
+    print(f"{family}: convert verify max |logit diff| {diff:.3g}")
+    assert diff <= 1e-5
+    # the check can fail: the same family with other weights is far off
+    other = write_tiny_llama(tmp_path / "other", family=family, seed=8, copy_tokenizer=False)
+    assert checkpoint.verify(other, mcore) > 1e-2
+
+
+@pytest.mark.parametrize("family", ["nemotron", "qwen2", "qwen3"])
+def test_nemo_without_hf_folder_rebuilds_the_family(family, converted, tmp_path):
+    """A NeMo-written .nemo has no hf/ folder: model_config.yaml alone gives back the family's config."""
+    import shutil
+
+    hf, _, nemo = converted(family)
+    root = tmp_path / "extracted"
+    checkpoint_files.safe_extract(nemo, root)
+    shutil.rmtree(root / "hf")
+    out = checkpoint.megatron_to_hf(root, tmp_path / "back", progress=False)
+    assert_bit_exact(hf, out)
+    rebuilt, original = load_hf_config(out), load_hf_config(hf)
+    for key in ("architectures", "norm", "gated_mlp", "qkv_bias", "qk_norm", "partial_rotary_factor", "head_dim",
+                "rms_norm_eps", "rope_theta", "tie_word_embeddings"):
+        assert rebuilt[key] == original[key], key
+
+
+# conf/model file -> the published parameter count (Hub model card, in billions as the card rounds it)
+PUBLISHED = {"nemotron_mini_4b": 4.19, "mistral_nemo_12b": 12.2, "mistral_nemo_minitron_8b": 8.41,
+             "openreasoning_nemotron_7b": 7.61, "qwen3_8b": 8.2, "llama32_1b": 1.24, "nemotron_nano_4b": 4.51}
+
+
+def _transformers_parameter_count(raw: dict) -> int:
+    """The same config through transformers' own class on the meta device (an independent count)."""
+    import transformers
+
+    architecture = raw["architectures"][0]
+    fields = {k: v for k, v in raw.items() if k not in ("architectures", "model_type")}
+    rope = {"rope_type": "default", "rope_theta": fields.pop("rope_theta")}
+    rope.update(fields.pop("rope_scaling", None) or {})
+    if "partial_rotary_factor" in fields:
+        rope["partial_rotary_factor"] = fields.pop("partial_rotary_factor")
+    config = getattr(transformers, architecture.replace("ForCausalLM", "Config"))(**fields, rope_parameters=rope)
+    with torch.device("meta"):
+        model = getattr(transformers, architecture)(config)
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED))
+def test_meta_device_build_has_the_published_parameter_count(name):
+    from nemotune.recipes.engine.model import build_gpt_model
+
+    raw = yaml.safe_load((CONF_MODEL / f"{name}.yaml").read_text())["hf_config"]
+    model = build_gpt_model(raw, device="meta")
+    total = sum(p.numel() for p in model.parameters())
+    print(f"{name}: {total:,} parameters (published {PUBLISHED[name]}B)")
+    assert total == _transformers_parameter_count(raw)
+    digits = len(str(PUBLISHED[name]).split(".")[1])
+    assert abs(total / 1e9 - PUBLISHED[name]) <= 10 ** -digits, total
