@@ -196,3 +196,64 @@ def test_meta_device_build_has_the_published_parameter_count(name):
     assert total == _transformers_parameter_count(raw)
     digits = len(str(PUBLISHED[name]).split(".")[1])
     assert abs(total / 1e9 - PUBLISHED[name]) <= 10 ** -digits, total
+
+
+@pytest.mark.parametrize("variant", ["nemo", "canonical"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_peft_export_merge_and_nemo_per_family(family, variant, converted, tmp_path):
+    """A trained-looking adapter (random A and B) on every linear: Megatron + adapter equals transformers + the
+    HF PEFT export (loaded by peft, no key warnings), the merged checkpoint equals PEFT, and the .nemo LoRA
+    holds the adapter's keys."""
+    import warnings
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from nemotune.converters.formats import adapters as adapter_io
+
+    hf, mcore, _ = converted(family)
+    base = load_hf_config(hf)
+    config = {"dim": 4, "alpha": 8.0, "dropout": 0.0, "target_modules": list(adapter_io.TARGETS),
+              "variant": variant, "layer_selection": None, "base_model": base, "base_model_name_or_path": None}
+    adapter = adapter_io.save_adapter(tmp_path / "adapter", adapter_io.random_adapter(config, seed=3), config)
+    peft_dir = adapter_io.export_hf_peft(adapter, tmp_path / "peft")
+    modules = yaml.safe_load((peft_dir / "adapter_config.json").read_text())["target_modules"]
+    gate = [] if family == "nemotron" else ["gate_proj"]
+    assert sorted(modules) == sorted(["q_proj", "k_proj", "v_proj", "o_proj", "up_proj", "down_proj", *gate])
+    diff = checkpoint.verify(hf, mcore, adapter=adapter, peft_dir=peft_dir)
+    print(f"{family} {variant}: Megatron + adapter vs transformers + PEFT max |logit diff| {diff:.3g}")
+    assert diff <= 1e-5
+
+    input_ids = torch.randint(0, 1024, (2, 16), generator=torch.Generator().manual_seed(0))
+    model = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft_model = PeftModel.from_pretrained(model, str(peft_dir)).eval()
+    assert [str(w.message) for w in caught if "key" in str(w.message).lower()] == []
+    merged = adapter_io.merge_adapter(hf, adapter, tmp_path / "merged", progress=False)
+    with torch.no_grad():
+        via_peft = peft_model(input_ids=input_ids).logits
+        via_merge = AutoModelForCausalLM.from_pretrained(str(merged), dtype=torch.float32).eval()(
+            input_ids=input_ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(str(hf), dtype=torch.float32).eval()(input_ids=input_ids).logits
+    torch.testing.assert_close(via_peft, via_merge, atol=1e-5, rtol=0)
+    assert (via_peft - plain).abs().max() > 1e-2
+    if variant == "canonical" and family in ("mistral", "nano4b"):
+        # NeMo's unfused q adapter maps hidden -> hidden: it cannot hold a q_proj of heads * head_dim != hidden
+        with pytest.raises(adapter_io.AdapterError, match="heads\\*head_dim"):
+            adapter_io.export_nemo_lora(adapter, tmp_path / "lora.nemo")
+        return
+    nemo = adapter_io.export_nemo_lora(adapter, tmp_path / "lora.nemo")
+    weights, nemo_config = adapter_io.read_nemo_lora(nemo)
+    state, _ = adapter_io.load_adapter(adapter)
+    assert set(weights) == {"model." + k for k in state}
+    assert nemo_config["peft"]["lora_tuning"]["variant"] == variant
+    assert nemo_config["activation"] == ("squared-relu" if family == "nemotron" else "fast-swiglu")
+
+
+def test_nemotron_lora_refuses_gate_proj():
+    from nemotune.recipes.engine.lora import resolve_targets
+
+    assert resolve_targets(["up_proj", "down_proj"], gated=False) == ["linear_fc1", "linear_fc2"]
+    with pytest.raises(ValueError, match=r"unknown LoRA target_modules \['gate_proj'\].*'up_proj'"):
+        resolve_targets(["gate_proj"], gated=False)
