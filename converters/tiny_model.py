@@ -58,8 +58,10 @@ TINY_FAMILIES: dict[str, dict[str, Any]] = {
     "nano4b": {"head_dim": 32},                                    # Nemotron-Nano-4B: head_dim != hidden / heads
     "mistral": {"architectures": ["MistralForCausalLM"], "head_dim": 32, "rope_scaling": None,
                 "rope_theta": 1000000.0, "sliding_window": None},  # Mistral-NeMo: head_dim 128 != 5120 / 32
+    # vocab 1032: transformers loads the tiny tokenizer as a Qwen2Tokenizer beside a qwen2 config, which adds
+    # <|endoftext|> (1025 ids); real Qwen2.5 embeddings are padded past their tokenizer too (152064 > 151665)
     "qwen2": {"architectures": ["Qwen2ForCausalLM"], "head_dim": None, "rope_scaling": None,
-              "rope_theta": 1000000.0, "tie_word_embeddings": True},
+              "rope_theta": 1000000.0, "tie_word_embeddings": True, "vocab_size": 1032},
     "qwen3": {"architectures": ["Qwen3ForCausalLM"], "rope_scaling": None, "rope_theta": 1000000.0},
     "nemotron": {"architectures": ["NemotronForCausalLM"], "rope_scaling": None, "rope_theta": 10000.0,
                  "partial_rotary_factor": 0.5},

@@ -60,7 +60,7 @@ def converted(tmp_path_factory):
     def get(family: str):
         if family not in cache:
             root = tmp_path_factory.mktemp(family)
-            hf = write_tiny_llama(root / "hf", family=family, seed=7, copy_tokenizer=False)
+            hf = write_tiny_llama(root / "hf", family=family, seed=7)  # with the tiny tokenizer: training reads it
             mcore = checkpoint.hf_to_megatron(hf, root / "mcore", progress=False)
             nemo = checkpoint.hf_to_nemo(hf, root / "tiny.nemo", progress=False)
             cache[family] = hf, mcore, nemo
@@ -257,3 +257,28 @@ def test_nemotron_lora_refuses_gate_proj():
     assert resolve_targets(["up_proj", "down_proj"], gated=False) == ["linear_fc1", "linear_fc2"]
     with pytest.raises(ValueError, match=r"unknown LoRA target_modules \['gate_proj'\].*'up_proj'"):
         resolve_targets(["gate_proj"], gated=False)
+
+
+PARITY_FAMILIES = ("mistral", "qwen2", "qwen3", "nemotron")  # Llama's layouts: tests/test_training.py
+
+
+def test_tp2_and_pp2_train_with_the_tp1_losses_for_every_family(converted, tiny_assets, tmp_path):
+    """One 2-rank launch: LoRA on all-linear, 3 steps per family under TP=1 (DP=2), TP=2 and PP=2."""
+    import json
+
+    from conftest import REPO, run_torchrun
+
+    bases = [f"{family}={converted(family)[0]}:{converted(family)[1]}" for family in PARITY_FAMILIES]
+    out = tmp_path / "families.json"
+    run_torchrun(REPO / "tests" / "dist" / "family_parity.py", out, tiny_assets["prep"], tmp_path / "runs", *bases,
+                 timeout=900)
+    results = json.loads(out.read_text())
+    assert sorted(results) == sorted(PARITY_FAMILIES)
+    for family, layouts in results.items():
+        reference = layouts["tp1"]
+        assert list(reference) == ["1", "2", "3"], family
+        print(family, {layout: [round(v, 6) for v in losses.values()] for layout, losses in layouts.items()})
+        for layout in ("tp2", "pp2"):
+            for step, loss in reference.items():
+                assert abs(layouts[layout][step] - loss) <= 1e-5, (family, layout, step, layouts[layout][step], loss)
+        assert reference["3"] != reference["1"]  # the adapters train
