@@ -282,3 +282,19 @@ def test_tp2_and_pp2_train_with_the_tp1_losses_for_every_family(converted, tiny_
             for step, loss in reference.items():
                 assert abs(layouts[layout][step] - loss) <= 1e-5, (family, layout, step, layouts[layout][step], loss)
         assert reference["3"] != reference["1"]  # the adapters train
+
+
+def test_gpt_model_deprecation_notice_is_dropped_and_other_warnings_pass(monkeypatch):
+    """megatron-core 0.19 warns at every GPTModel build that HybridModel replaces it; nemotune keeps GPTModel
+    (0.16 has no HybridModel) and drops that one notice. 0.19 is not installed here: its notice is simulated."""
+    import warnings
+
+    from nemotune.recipes.engine import megatron_cpu
+
+    shown = []
+    monkeypatch.setattr(warnings, "showwarning", lambda message, *a, **k: shown.append(str(message)))
+    megatron_cpu.quiet_import_warnings()
+    warnings.showwarning(DeprecationWarning("GPTModel is deprecated and will be removed; use HybridModel"),
+                         DeprecationWarning, "gpt_model.py", 1)
+    warnings.showwarning(UserWarning("an unrelated warning"), UserWarning, "elsewhere.py", 2)
+    assert shown == ["an unrelated warning"]
