@@ -298,3 +298,42 @@ def test_gpt_model_deprecation_notice_is_dropped_and_other_warnings_pass(monkeyp
                          DeprecationWarning, "gpt_model.py", 1)
     warnings.showwarning(UserWarning("an unrelated warning"), UserWarning, "elsewhere.py", 2)
     assert shown == ["an unrelated warning"]
+
+
+# each family's chat format (written for this test, in the shape of the published templates), with the special
+# token that ends an assistant turn (None: the turn ends with a newline and the next header)
+CHAT_TEMPLATES = {
+    "qwen": ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}", "<|im_end|>"),
+    "mistral": ("{{ bos_token }}{% for m in messages %}{% if m.role == 'user' %}[INST] {{ m.content }}[/INST]"
+                "{% elif m.role == 'assistant' %}{{ m.content }}</s>{% endif %}{% endfor %}", "</s>"),
+    "nemotron": ("{% for m in messages %}{% if m.role == 'system' %}<extra_id_0>System\n{{ m.content }}\n"
+                 "{% elif m.role == 'user' %}<extra_id_1>User\n{{ m.content }}\n{% else %}<extra_id_1>Assistant\n"
+                 "{{ m.content }}\n{% endif %}{% endfor %}{% if add_generation_prompt %}<extra_id_1>Assistant\n"
+                 "{% endif %}", None),
+}
+
+
+@pytest.mark.parametrize("family", sorted(CHAT_TEMPLATES))
+def test_the_familys_own_chat_template_drives_the_answer_mask(family):
+    """No per-family code in prep: the tiny tokenizer with the family's template masks exactly each answer
+    (and the special token closing it), checked by decoding."""
+    from nemotune.data_prep.templating import masked_segments, render_and_mask
+    from nemotune.data_prep.tokenizer import load_tokenizer, tiny_tokenizer_dir
+
+    template, end = CHAT_TEMPLATES[family]
+    tokenizer = load_tokenizer(str(tiny_tokenizer_dir()))
+    tokenizer.chat_template = template
+    specials = ["<|im_start|>", "<|im_end|>"] if family == "qwen" else ["[INST]", "[/INST]", "</s>"] \
+        if family == "mistral" else ["<extra_id_0>", "<extra_id_1>"]
+    tokenizer.add_special_tokens({"additional_special_tokens": specials})
+    # answers end in a letter: the tiny byte-level BPE has a ".\n" token, which would straddle the end of a
+    # Nemotron answer (its template closes a turn with a newline) and prep refuses such an example (MaskError)
+    messages = [{"role": "user", "content": "What is a bond?"}, {"role": "assistant", "content": "A loan you hold"},
+                {"role": "user", "content": "And a stock?"}, {"role": "assistant", "content": "A share of a company"}]
+    if family != "mistral":
+        messages.insert(0, {"role": "system", "content": "Answer briefly."})
+    ids, mask, _ = render_and_mask(tokenizer, messages)
+    decoded = [tokenizer.decode(run) for run in masked_segments(ids, mask)]
+    answers = [m["content"] for m in messages if m["role"] == "assistant"]
+    assert decoded == [a + (end or "") for a in answers]
