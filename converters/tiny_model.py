@@ -1,11 +1,13 @@
 """Write a small random Llama checkpoint in the Hugging Face layout (tests, demos, benches).
 
 The checkpoint is a real ``LlamaForCausalLM`` saved by ``transformers`` (sharded safetensors + index when
-``max_shard_size`` is small), so every converter is exercised against the exact files users download.
+``max_shard_size`` is small), so every converter is exercised against the exact files users download;
+``--family`` (:data:`TINY_FAMILIES`) writes another supported family with its own transformers class.
 The vocabulary defaults to 1024 to match the tiny tokenizer shipped in ``data_prep/assets/tiny_tokenizer``,
 whose files are copied beside the weights when that tokenizer is available.
 
     python -m nemotune.converters.tiny_model --out /tmp/tiny-llama
+    python -m nemotune.converters.tiny_model --family nemotron --out /tmp/tiny-nemotron
 """
 
 from __future__ import annotations

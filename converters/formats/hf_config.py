@@ -1,7 +1,9 @@
 """The Hugging Face ``config.json`` of a supported model, read and normalised once for the whole project.
 
 Every part that needs the architecture (the model builder, config validation, the converters, adapter
-export) reads it here, so the defaults transformers applies to absent fields live in one place.
+export) reads it here, so the defaults transformers applies to absent fields live in one place. The
+supported families and what sets each apart are the rows of :data:`FAMILIES`; any other architecture (DeciLM,
+Nemotron-H, MoE) is refused in one line naming the supported ones.
 """
 
 from __future__ import annotations
