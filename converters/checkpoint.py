@@ -35,7 +35,7 @@ from nemotune.converters.formats.checkpoint import (
     write_hf_shards,
     write_tar,
 )
-from nemotune.converters.formats.mapping import NEMO_PREFIX, LlamaDims, megatron_to_hf_views
+from nemotune.converters.formats.mapping import NEMO_PREFIX, LlamaDims, expected_hf_shapes, megatron_to_hf_views
 from nemotune.converters.formats.outputs import output_target
 
 VERB = "convert"
@@ -114,17 +114,19 @@ def _dtype(name: str | torch.dtype | None, default: torch.dtype) -> torch.dtype:
 
 
 def _hf_config_for_disk(hf: Mapping[str, Any]) -> dict:
-    from transformers import LlamaConfig
+    """config.json of the family's own transformers config class (the derived keys left out)."""
+    import transformers
 
-    fields = {k: v for k, v in hf.items() if k not in ("architectures",)}
-    config = LlamaConfig(**fields)
-    config.architectures = ["LlamaForCausalLM"]
+    from nemotune.converters.formats.hf_config import DERIVED_KEYS
+
+    architecture = hf["architectures"][0]
+    config_class = getattr(transformers, architecture.replace("ForCausalLM", "Config"))
+    fields = {k: v for k, v in hf.items() if k not in ("architectures", "model_type", *DERIVED_KEYS)}
+    if architecture == "NemotronForCausalLM":
+        fields.pop("rms_norm_eps", None)
+    config = config_class(**fields)
+    config.architectures = [architecture]
     return config.to_dict()
-
-
-def _hf_shape(view: torch.Tensor) -> tuple[int, ...]:
-    """The HF shape of a layout view: its rows are the leading dims flattened (q/k/v are [groups, rows, in])."""
-    return tuple(view.shape) if view.dim() <= 2 else (math.prod(view.shape[:-1]), view.shape[-1])
 
 
 def _hf_order(name: str) -> tuple:
@@ -338,7 +340,8 @@ def megatron_to_hf(ckpt: str | Path, out_dir: str | Path, *, max_shard_size: int
         state = {k: v for k, v in model.state_dict().items() if isinstance(v, torch.Tensor)}
         spec = _param_spec(state)
         # views, not split copies: a split QKV is materialised only while its shard is written
-        named = [(hf_name, view, _hf_shape(view))
+        hf_shapes = expected_hf_shapes(dims)  # a layout view's shape is not the HF one (q/k/v: [groups, rows, ...])
+        named = [(hf_name, view, hf_shapes[hf_name])
                  for name, tensor in state.items() if not name.endswith("_extra_state")
                  for hf_name, view in megatron_to_hf_views(name, tensor, dims, spec)]
         named.sort(key=lambda item: _hf_order(item[0]))
@@ -409,8 +412,6 @@ def _hf_shapes(hf_dir: Path) -> tuple[dict, dict[str, tuple[int, ...]]]:
 def _check_same_model(hf_dir: Path, hf_config: Mapping, hf_shapes: Mapping[str, tuple[int, ...]], ckpt: Path,
                       ckpt_hf: Mapping) -> None:
     """Refuse comparing two different models: name the first tensor whose shape differs, with both shapes."""
-    from nemotune.converters.formats.mapping import expected_hf_shapes
-
     ours = expected_hf_shapes(LlamaDims.from_hf(ckpt_hf))
     extra = {name: None for name in expected_hf_shapes(LlamaDims.from_hf(hf_config)) if name not in ours}
     for name, shape in {**ours, **extra}.items():

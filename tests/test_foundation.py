@@ -56,7 +56,7 @@ def test_tied_embeddings_drop_the_output_layer(tiny_hf_config):
 
 def test_unsupported_architecture_is_refused(tiny_hf_config):
     with pytest.raises(ModelConfigError, match="unsupported architecture"):
-        load_hf_config({**tiny_hf_config, "architectures": ["MistralForCausalLM"], "model_type": "mistral"})
+        load_hf_config({**tiny_hf_config, "architectures": ["DeciLMForCausalLM"], "model_type": "nemotron-nas"})
 
 
 def test_cpu_adaptation_redirects_cuda_assumptions():

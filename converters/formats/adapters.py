@@ -40,7 +40,7 @@ import json
 import logging
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional
 
@@ -102,6 +102,19 @@ TARGETS: dict[str, Target] = {t.megatron: t for t in (
     Target("linear_fc2", "mlp", "mlp_fc2", "lora_4htoh_adapter", "lora_4htoh_adapter",
            ((None, "mlp.down_proj"),), _single, _only),
 )}
+# A family whose MLP has no gate (Nemotron: squared ReLU) has one HF module behind linear_fc1: up_proj.
+_FC1_WITHOUT_GATE = replace(TARGETS["linear_fc1"], parts=(("up_adapter", "mlp.up_proj"),), split=_single,
+                                        fuse=_only)
+
+
+def target_for(name: str, gated: bool = True) -> Target:
+    """The target ``name`` of a model whose MLP is ``gated`` or not (LlamaDims.gated): linear_fc1's HF modules
+    are gate_proj + up_proj, or up_proj alone."""
+    if name == "linear_fc1" and not gated:
+        return _FC1_WITHOUT_GATE
+    return TARGETS[name]
+
+
 _KEY = re.compile(r"^decoder\.layers\.(\d+)\.(self_attention|mlp)\.adapter_layer\.([\w.]+)\.(linear_in|linear_out)\.weight$")
 
 Pairs = dict[tuple[int, str], list[Optional[tuple[torch.Tensor, torch.Tensor]]]]  # (layer, target) -> [(A, B)]
@@ -125,10 +138,12 @@ def _check_export_output(out, inputs, overwrite: bool) -> None:
         raise AdapterError(str(err)) from None
 
 
-def adapter_key(layer: int, target: str, which: str, *, variant: str = DEFAULT_VARIANT, part: int = 0) -> str:
+def adapter_key(layer: int, target: str, which: str, *, variant: str = DEFAULT_VARIANT, part: int = 0,
+                dims: LlamaDims | None = None) -> str:
     """Megatron key of a LoRA matrix; ``which`` is linear_in (A, [dim, in]) or linear_out (B, [out, dim]);
-    ``part`` indexes the target's HF modules for the canonical variant (q, k, v / gate, up)."""
-    t = TARGETS[target]
+    ``part`` indexes the target's HF modules for the canonical variant (q, k, v / gate, up; the family of
+    ``dims`` decides which there are)."""
+    t = target_for(target, dims is None or dims.gated)
     return f"decoder.layers.{layer}.{t.block}.adapter_layer.{t.prefixes(variant)[part]}.{which}.weight"
 
 
@@ -152,10 +167,10 @@ def _in_features(dims: LlamaDims) -> dict[str, int]:
 
 def _out_rows(dims: LlamaDims) -> dict[str, list[int]]:
     """Output rows of each target's HF modules."""
-    fused = {"linear_qkv": dims.qkv_rows, "linear_proj": dims.hidden, "linear_fc1": 2 * dims.ffn,
+    fused = {"linear_qkv": dims.qkv_rows, "linear_proj": dims.hidden, "linear_fc1": dims.fc1_rows,
              "linear_fc2": dims.hidden}
     return {name: [part.shape[0] for part in t.split(torch.empty(fused[name], 0), dims)]
-            for name, t in TARGETS.items()}
+            for name, t in ((n, target_for(n, dims.gated)) for n in TARGETS)}
 
 
 def adapter_shapes(dims: LlamaDims, dim: int, variant: str = DEFAULT_VARIANT
@@ -164,7 +179,8 @@ def adapter_shapes(dims: LlamaDims, dim: int, variant: str = DEFAULT_VARIANT
     canonical)."""
     rows, features = _out_rows(dims), _in_features(dims)
     return {name: [((dim, features[name]), (r, dim)) for r in rows[name]] if len(t.prefixes(variant)) > 1
-            else [((dim, features[name]), (sum(rows[name]), dim))] for name, t in TARGETS.items()}
+            else [((dim, features[name]), (sum(rows[name]), dim))]
+            for name, t in ((n, target_for(n, dims.gated)) for n in TARGETS)}
 
 
 def variant_of(config: Mapping[str, Any]) -> str:
@@ -182,7 +198,7 @@ def expected_keys(config: Mapping[str, Any]) -> dict[str, tuple[int, int]]:
     """Every key the adapter of ``config`` holds, with its shape."""
     dims, variant = LlamaDims.from_hf(config["base_model"]), variant_of(config)
     shapes = adapter_shapes(dims, int(config["dim"]), variant)
-    return {adapter_key(layer, target, which, variant=variant, part=part): pair[i]
+    return {adapter_key(layer, target, which, variant=variant, part=part, dims=dims): pair[i]
             for layer in adapter_layers(config) for target in config["target_modules"]
             for part, pair in enumerate(shapes[target]) for i, which in enumerate(("linear_in", "linear_out"))}
 
@@ -348,9 +364,9 @@ def to_pairs(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]) -> Pa
     pairs: Pairs = {}
     for layer in adapter_layers(config):
         for name in config["target_modules"]:
-            t = TARGETS[name]
-            stored = [(state[adapter_key(layer, name, "linear_in", variant=variant, part=i)],
-                       state[adapter_key(layer, name, "linear_out", variant=variant, part=i)])
+            t = target_for(name, dims.gated)
+            stored = [(state[adapter_key(layer, name, "linear_in", variant=variant, part=i, dims=dims)],
+                       state[adapter_key(layer, name, "linear_out", variant=variant, part=i, dims=dims)])
                       for i in range(len(t.prefixes(variant)))]
             if len(stored) == len(t.parts):
                 pairs[(layer, name)] = stored
@@ -371,7 +387,7 @@ def from_pairs(pairs: Pairs, config: Mapping[str, Any], variant: str, *, stack: 
     rows, features = _out_rows(dims), _in_features(dims)
 
     def filled(layer, name):
-        found = pairs.get((layer, name)) or [None] * len(TARGETS[name].parts)
+        found = pairs.get((layer, name)) or [None] * len(target_for(name, dims.gated).parts)
         a_default = next((p[0] for p in found if p is not None), torch.zeros(rank, features[name]))
         return [p if p is not None else (a_default, torch.zeros(r, rank, dtype=a_default.dtype))
                 for p, r in zip(found, rows[name])]
@@ -382,8 +398,8 @@ def from_pairs(pairs: Pairs, config: Mapping[str, Any], variant: str, *, stack: 
         for layer in layers:
             for name in config["target_modules"]:
                 for i, (lora_a, lora_b) in enumerate(filled(layer, name)):
-                    state[adapter_key(layer, name, "linear_in", variant=variant, part=i)] = lora_a
-                    state[adapter_key(layer, name, "linear_out", variant=variant, part=i)] = lora_b
+                    state[adapter_key(layer, name, "linear_in", variant=variant, part=i, dims=dims)] = lora_a
+                    state[adapter_key(layer, name, "linear_out", variant=variant, part=i, dims=dims)] = lora_b
         return state, {**config, "variant": variant}
     fused = {(layer, name): filled(layer, name) for layer in layers for name in config["target_modules"]}
     distinct_a = {}  # the different A matrices of each fused target: one slot of rank rows each
@@ -413,7 +429,7 @@ def from_pairs(pairs: Pairs, config: Mapping[str, Any], variant: str, *, stack: 
             b_full[:, slot] = b
             b_parts.append(b_full)
         state[adapter_key(layer, name, "linear_in", variant=variant)] = lora_a
-        state[adapter_key(layer, name, "linear_out", variant=variant)] = TARGETS[name].fuse(b_parts, dims)
+        state[adapter_key(layer, name, "linear_out", variant=variant)] = target_for(name, dims.gated).fuse(b_parts, dims)
     return state, {**config, "variant": variant, "dim": rank * factor, "alpha": config["alpha"] * factor}
 
 
@@ -432,21 +448,23 @@ def convert_adapter(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
 
 # ---- HF PEFT ---------------------------------------------------------------------------------------------------
 
-def _hf_module_target(module: str) -> tuple[str, int]:
-    for target in TARGETS.values():
+def _hf_module_target(module: str, dims: LlamaDims | None = None) -> tuple[str, int]:
+    targets = [target_for(name, dims is None or dims.gated) for name in TARGETS]
+    for target in targets:
         for i, name in enumerate(target.hf_modules):
             if name.split(".")[-1] == module:
                 return target.megatron, i
-    raise AdapterError(f"PEFT target module {module!r} has no Megatron counterpart "
-                       f"(supported: {[m.split('.')[-1] for t in TARGETS.values() for m in t.hf_modules]})")
+    raise AdapterError(f"PEFT target module {module!r} has no Megatron counterpart in this model "
+                       f"(supported: {[m.split('.')[-1] for t in targets for m in t.hf_modules]})")
 
 
 def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
             base_model_name_or_path: str | None = None) -> tuple[dict[str, torch.Tensor], dict]:
     """Megatron adapter (either variant) -> (PEFT state dict, adapter_config.json dict)."""
     peft_state: dict[str, torch.Tensor] = {}
+    dims = LlamaDims.from_hf(config["base_model"])
     for (layer, name), found in to_pairs(state, config).items():
-        for module, (lora_a, lora_b) in zip(TARGETS[name].hf_modules, found):
+        for module, (lora_a, lora_b) in zip(target_for(name, dims.gated).hf_modules, found):
             prefix = f"{PEFT_PREFIX}model.layers.{layer}.{module}"
             peft_state[f"{prefix}.lora_A.weight"] = lora_a.clone().contiguous()
             peft_state[f"{prefix}.lora_B.weight"] = lora_b.clone().contiguous()
@@ -458,7 +476,8 @@ def to_peft(state: Mapping[str, torch.Tensor], config: Mapping[str, Any], *,
         "lora_alpha": config["alpha"],
         "lora_dropout": float(config.get("dropout") or 0.0),
         "bias": "none",
-        "target_modules": sorted(m.split(".")[-1] for t in config["target_modules"] for m in TARGETS[t].hf_modules),
+        "target_modules": sorted(m.split(".")[-1] for t in config["target_modules"]
+                                 for m in target_for(t, dims.gated).hf_modules),
         "layers_to_transform": layers if config.get("layer_selection") else None,  # PEFT counts from 0
         "base_model_name_or_path": base_model_name_or_path or config.get("base_model_name_or_path"),
         "fan_in_fan_out": False,
@@ -520,19 +539,19 @@ def _load_peft(path: Path, base_config) -> tuple[dict[str, torch.Tensor], dict]:
             problems.append(f"unexpected PEFT key {key!r}")
             continue
         try:
-            target, index = _hf_module_target(match.group(2))
+            target, index = _hf_module_target(match.group(2), dims)
         except AdapterError as err:
             problems.append(str(err))
             continue
         found.setdefault((int(match.group(1)), target), {}).setdefault(index, {})[match.group(3)] = tensor
-    problems += [f"layer {layer} {TARGETS[t].hf_modules[i]}: lora_{m} missing"
+    problems += [f"layer {layer} {target_for(t, dims.gated).hf_modules[i]}: lora_{m} missing"
                  for (layer, t), parts in found.items() for i, ab in parts.items() for m in "AB" if m not in ab]
     if problems:
         raise AdapterError(f"{path}: not a LoRA adapter of a Llama model:\n  " + "\n  ".join(problems))
     layers = sorted({layer for layer, _ in found})
     targets = sorted({t for _, t in found}, key=list(TARGETS).index)
     pairs: Pairs = {key: [(parts[i]["A"], parts[i]["B"]) if i in parts else None
-                          for i in range(len(TARGETS[key[1]].parts))] for key, parts in found.items()}
+                          for i in range(len(target_for(key[1], dims.gated).parts))] for key, parts in found.items()}
     config = {
         "dim": rank,
         "alpha": alpha,
@@ -662,9 +681,10 @@ def lora_deltas(state: Mapping[str, torch.Tensor], config: Mapping[str, Any]
                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """HF weight name -> (B, A) with the alpha/dim scale folded into B (either variant)."""
     scale = float(config["alpha"]) / float(config["dim"])
+    dims = LlamaDims.from_hf(config["base_model"])
     return {f"model.layers.{layer}.{module}.weight": (lora_b.float() * scale, lora_a.float())
             for (layer, name), found in to_pairs(state, config).items()
-            for module, (lora_a, lora_b) in zip(TARGETS[name].hf_modules, found)}
+            for module, (lora_a, lora_b) in zip(target_for(name, dims.gated).hf_modules, found)}
 
 
 def merge_adapter(hf_base_dir: str | Path, adapter_dir: str | Path, out_dir: str | Path, *,

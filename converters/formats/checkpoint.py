@@ -312,9 +312,10 @@ def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
 # ---- .nemo -----------------------------------------------------------------------------------------------------
 
 def nemo_model_config(hf: Mapping[str, Any], *, tokenizer_type: str | None = None) -> dict:
-    """NeMo 1.x megatron_gpt model_config.yaml content for a Llama HF config."""
+    """NeMo 1.x megatron_gpt model_config.yaml content for an HF config of a supported family."""
     scaling = hf.get("rope_scaling") or {}
     llama3 = scaling.get("rope_type", scaling.get("type")) == "llama3"
+    layer_norm_1p = hf.get("norm") == "LayerNorm1P"
     return {
         "mcore_gpt": True,
         "micro_batch_size": 1,
@@ -334,7 +335,7 @@ def nemo_model_config(hf: Mapping[str, Any], *, tokenizer_type: str | None = Non
         "hidden_dropout": 0.0,
         "attention_dropout": 0.0,
         "ffn_dropout": 0.0,
-        "normalization": "rmsnorm",
+        "normalization": "layernorm1p" if layer_norm_1p else "rmsnorm",
         "layernorm_epsilon": hf["rms_norm_eps"],
         "do_layer_norm_weight_decay": False,
         "make_vocab_size_divisible_by": 1,
@@ -342,13 +343,15 @@ def nemo_model_config(hf: Mapping[str, Any], *, tokenizer_type: str | None = Non
         "post_process": True,
         "persist_layer_norm": True,
         "bias": False,
-        "activation": "fast-swiglu",
+        "qkv_bias": bool(hf.get("qkv_bias", False)),
+        "qk_layernorm": bool(hf.get("qk_norm", False)),
+        "activation": "fast-swiglu" if hf.get("gated_mlp", True) else "squared-relu",
         "headscale": False,
         "transformer_block_type": "pre_ln",
         "openai_gelu": False,
         "normalize_attention_scores": True,
         "position_embedding_type": "rope",
-        "rotary_percentage": 1.0,
+        "rotary_percentage": float(hf.get("partial_rotary_factor", 1.0)),
         "rotary_base": hf["rope_theta"],
         "apply_rope_fusion": False,
         "scale_positional_embedding": llama3,
@@ -385,16 +388,23 @@ def nemo_chat_config(model_config: dict, template: str | None, *, tokenizer_memb
 
 
 def hf_config_from_nemo(cfg: Mapping[str, Any], vocab_size: int) -> dict:
-    """Rebuild an HF Llama config from a NeMo model_config.yaml (for .nemo files without an ``hf/`` folder)."""
+    """Rebuild an HF config from a NeMo model_config.yaml (for .nemo files without an ``hf/`` folder): Nemotron
+    (layernorm1p + squared-relu), Qwen3 (qk_layernorm), Qwen2 (qkv_bias) or else Llama (which also computes a
+    Mistral without sliding window)."""
     if not cfg.get("mcore_gpt", False):
         raise ConversionError("only mcore GPT .nemo files (model_config.yaml `mcore_gpt: true`) are supported")
-    if str(cfg.get("activation", "")).replace("fast-", "") != "swiglu" or cfg.get("bias", False):
-        raise ConversionError(f"unsupported NeMo model: activation {cfg.get('activation')!r}, "
-                              f"bias {cfg.get('bias')!r} (Llama needs swiglu, no bias)")
+    activation = str(cfg.get("activation", "")).replace("fast-", "")
+    nemotron = activation == "squared-relu" and cfg.get("normalization") == "layernorm1p"
+    if not (activation == "swiglu" or nemotron) or cfg.get("bias", False):
+        raise ConversionError(f"unsupported NeMo model: activation {cfg.get('activation')!r}, normalization "
+                              f"{cfg.get('normalization')!r}, bias {cfg.get('bias')!r} (supported: swiglu + "
+                              "rmsnorm, or squared-relu + layernorm1p; no linear bias)")
+    architecture = ("NemotronForCausalLM" if nemotron else "Qwen3ForCausalLM" if cfg.get("qk_layernorm")
+                    else "Qwen2ForCausalLM" if cfg.get("qkv_bias") else "LlamaForCausalLM")
     heads = cfg["num_attention_heads"]
     hf = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [architecture],
+        "model_type": architecture.replace("ForCausalLM", "").lower(),
         "hidden_size": cfg["hidden_size"],
         "intermediate_size": cfg["ffn_hidden_size"],
         "num_hidden_layers": cfg["num_layers"],
@@ -406,9 +416,12 @@ def hf_config_from_nemo(cfg: Mapping[str, Any], vocab_size: int) -> dict:
         "rope_theta": float(cfg.get("rotary_base", 10000.0)),
         "tie_word_embeddings": bool(cfg.get("share_embeddings_and_output_weights", False)),
         "vocab_size": vocab_size,
-        "hidden_act": "silu",
+        "hidden_act": "relu2" if nemotron else "silu",
         "torch_dtype": "float32",
     }
+    if nemotron:
+        hf["norm_eps"] = hf.pop("rms_norm_eps")
+        hf["partial_rotary_factor"] = float(cfg.get("rotary_percentage", 0.5))
     if cfg.get("scale_positional_embedding"):
         hf["rope_scaling"] = {"rope_type": "llama3", "factor": float(cfg.get("seq_len_interpolation_factor") or 8.0),
                               "low_freq_factor": 1.0, "high_freq_factor": 4.0,

@@ -1,15 +1,21 @@
-"""HF Llama <-> Megatron-core (NeMo mcore) parameter names: one mapping table plus named special cases.
+"""HF <-> Megatron-core (NeMo mcore) parameter names: one mapping table per family plus named special cases.
 
 `*` in a name is the layer index. Every rule maps a tuple of HF tensors to one Megatron tensor and back;
-the plain renames use the identity, the two special cases are
+the plain renames use the identity, the special cases are
   * ``fuse_qkv`` / ``split_qkv``: Megatron's ``linear_qkv`` rows are interleaved per query group -- for each
     of the ``num_query_groups`` groups: its ``heads/groups`` query heads, then its key head, then its value
-    head (``head_dim`` rows each);
-  * ``fuse_gate_up`` / ``split_gate_up``: ``linear_fc1`` = cat(gate_proj, up_proj) along the output rows.
+    head (``head_dim`` rows each); the q/k/v biases of Qwen2 fuse the same way (``linear_qkv.bias``);
+  * ``fuse_gate_up`` / ``split_gate_up``: a gated (SwiGLU) ``linear_fc1`` = cat(gate_proj, up_proj) along the
+    output rows; Nemotron's squared-ReLU MLP has no gate, its ``linear_fc1`` is ``up_proj`` as it is;
+  * Qwen3's per-head q/k RMSNorm: ``self_attn.q_norm`` / ``k_norm`` -> ``self_attention.q_layernorm`` /
+    ``k_layernorm``;
+  * Nemotron's LayerNorm1P: weight and bias per norm; the stored gamma is zero-centred in both HF and
+    Megatron (each adds 1 at run time), so it maps 1:1;
+  * tied embeddings (Llama 3.2, small Qwen2.5): no ``lm_head`` / ``output_layer``.
 The layer norms are named per spec: the Transformer Engine spec folds them into the following linear
-(``linear_qkv.layer_norm_weight``, ``linear_fc1.layer_norm_weight``), the local spec keeps
-``input_layernorm`` / ``pre_mlp_layernorm``. A tied model has no ``lm_head`` / ``output_layer``.
-NeMo's key for a Megatron name is ``"model." + name``.
+(``linear_qkv.layer_norm_weight`` / ``_bias``, ``linear_fc1.layer_norm_weight`` / ``_bias``), the local spec
+keeps ``input_layernorm`` / ``pre_mlp_layernorm``. NeMo's key for a Megatron name is ``"model." + name``.
+:func:`family_rules` is the table of a family; ``FAMILY_ROWS`` lists which named rows each family has.
 
 The functions are pure (tensors in, tensors out) and exact: splitting a fused tensor returns views of it.
 """
@@ -35,9 +41,15 @@ class LlamaDims:
     ffn: int
     vocab: int
     tied: bool
+    # the family's layout (hf_config.FAMILIES): gated MLP, q/k/v bias, per-head q/k norm, norms with a bias
+    gated: bool = True
+    qkv_bias: bool = False
+    qk_norm: bool = False
+    norm_bias: bool = False
 
     @classmethod
     def from_hf(cls, hf: Mapping[str, Any]) -> "LlamaDims":
+        """The dims of a config read by ``hf_config.load_hf_config`` (a raw Llama config.json works too)."""
         heads = int(hf["num_attention_heads"])
         return cls(
             num_layers=int(hf["num_hidden_layers"]),
@@ -48,7 +60,15 @@ class LlamaDims:
             ffn=int(hf["intermediate_size"]),
             vocab=int(hf["vocab_size"]),
             tied=bool(hf.get("tie_word_embeddings", False)),
+            gated=bool(hf.get("gated_mlp", True)),
+            qkv_bias=bool(hf.get("qkv_bias", False)),
+            qk_norm=bool(hf.get("qk_norm", False)),
+            norm_bias=hf.get("norm", "RMSNorm") == "LayerNorm1P",
         )
+
+    @property
+    def fc1_rows(self) -> int:
+        return (2 if self.gated else 1) * self.ffn
 
     @property
     def heads_per_group(self) -> int:
@@ -89,11 +109,15 @@ def split_qkv(qkv: torch.Tensor, dims: LlamaDims) -> tuple[torch.Tensor, torch.T
     return q.reshape(dims.heads * hd, *rest), k.reshape(g * hd, *rest), v.reshape(g * hd, *rest)
 
 
-def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor, dims: LlamaDims | None = None) -> torch.Tensor:
-    return torch.cat([gate, up], dim=0)
+def fuse_gate_up(gate: torch.Tensor, up: torch.Tensor | None = None, dims: LlamaDims | None = None) -> torch.Tensor:
+    """cat(gate, up); a family without a gate passes its up_proj alone (``linear_fc1`` is then up_proj)."""
+    return gate if up is None else torch.cat([gate, up], dim=0)
 
 
-def split_gate_up(fc1: torch.Tensor, dims: LlamaDims | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def split_gate_up(fc1: torch.Tensor, dims: LlamaDims | None = None) -> tuple[torch.Tensor, ...]:
+    """(gate, up) of a gated ``linear_fc1``; (up,) when ``dims`` says the MLP has no gate."""
+    if dims is not None and not dims.gated:
+        return (fc1,)
     if fc1.shape[0] % 2:
         raise ValueError(f"linear_fc1 has an odd number of rows ({fc1.shape[0]}); expected cat(gate, up)")
     gate, up = torch.chunk(fc1, 2, dim=0)
@@ -131,25 +155,56 @@ def _layer_norm_names(spec: str) -> tuple[str, str]:
     raise ValueError(f"spec must be 'te' or 'local', got {spec!r}")
 
 
+_L = "decoder.layers.*."
+_H = "model.layers.*."
+
+# the named rows each family has beyond the shared ones (embedding, qkv, o_proj, fc1, fc2, norms, output)
+FAMILY_ROWS = {
+    "llama": (), "mistral": (),
+    "qwen2": ("qkv_bias",),
+    "qwen3": ("qk_norm",),
+    "nemotron": ("norm_bias", "mlp_without_gate"),
+}
+
+
+def _qkv(suffix: str) -> Rule:
+    return Rule(f"{_L}self_attention.linear_qkv.{suffix}",
+                tuple(f"{_H}self_attn.{p}_proj.{suffix}" for p in "qkv"),
+                to_megatron=lambda t, d: fuse_qkv(*t, d), to_hf=split_qkv, views=qkv_views)
+
+
+def family_rules(dims: LlamaDims, spec: str = "local") -> tuple[Rule, ...]:
+    """The HF <-> Megatron table of ``dims``' family for the local or Transformer Engine ("te") layer spec."""
+    input_norm, mlp_norm = _layer_norm_names(spec)
+    norm_params = ("weight", "bias") if dims.norm_bias else ("weight",)
+
+    def norm(megatron: str, hf: str) -> list[Rule]:  # TE's folded names end in layer_norm_weight / _bias
+        base = megatron.rsplit("weight", 1)[0]
+        return [Rule(base + p, (hf + p,)) for p in norm_params]
+
+    rules = [Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",))]
+    rules += norm(input_norm, f"{_H}input_layernorm.")
+    rules.append(_qkv("weight"))
+    if dims.qkv_bias:
+        rules.append(_qkv("bias"))
+    if dims.qk_norm:
+        rules += [Rule(f"{_L}self_attention.{m}_layernorm.weight", (f"{_H}self_attn.{m}_norm.weight",)) for m in "qk"]
+    rules.append(Rule(f"{_L}self_attention.linear_proj.weight", (f"{_H}self_attn.o_proj.weight",)))
+    rules += norm(mlp_norm, f"{_H}post_attention_layernorm.")
+    if dims.gated:
+        rules.append(Rule(f"{_L}mlp.linear_fc1.weight", (f"{_H}mlp.gate_proj.weight", f"{_H}mlp.up_proj.weight"),
+                          to_megatron=lambda t, d: fuse_gate_up(*t), to_hf=split_gate_up, views=split_gate_up))
+    else:
+        rules.append(Rule(f"{_L}mlp.linear_fc1.weight", (f"{_H}mlp.up_proj.weight",)))
+    rules.append(Rule(f"{_L}mlp.linear_fc2.weight", (f"{_H}mlp.down_proj.weight",)))
+    rules += norm("decoder.final_layernorm.weight", "model.norm.")
+    rules.append(Rule("output_layer.weight", ("lm_head.weight",), tied_only_absent=True))
+    return tuple(rules)
+
+
 def llama_rules(spec: str = "local") -> tuple[Rule, ...]:
     """The HF Llama <-> Megatron table for the local or Transformer Engine ("te") layer spec."""
-    input_norm, mlp_norm = _layer_norm_names(spec)
-    return (
-        Rule("embedding.word_embeddings.weight", ("model.embed_tokens.weight",)),
-        Rule(input_norm, ("model.layers.*.input_layernorm.weight",)),
-        Rule("decoder.layers.*.self_attention.linear_qkv.weight",
-             ("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
-              "model.layers.*.self_attn.v_proj.weight"),
-             to_megatron=lambda t, d: fuse_qkv(*t, d), to_hf=split_qkv, views=qkv_views),
-        Rule("decoder.layers.*.self_attention.linear_proj.weight", ("model.layers.*.self_attn.o_proj.weight",)),
-        Rule(mlp_norm, ("model.layers.*.post_attention_layernorm.weight",)),
-        Rule("decoder.layers.*.mlp.linear_fc1.weight",
-             ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight"),
-             to_megatron=lambda t, d: fuse_gate_up(*t), to_hf=split_gate_up, views=split_gate_up),
-        Rule("decoder.layers.*.mlp.linear_fc2.weight", ("model.layers.*.mlp.down_proj.weight",)),
-        Rule("decoder.final_layernorm.weight", ("model.norm.weight",)),
-        Rule("output_layer.weight", ("lm_head.weight",), tied_only_absent=True),
-    )
+    return family_rules(LlamaDims(0, 0, 1, 1, 0, 0, 0, False), spec)
 
 
 def _pattern(name: str) -> re.Pattern:
@@ -179,6 +234,8 @@ def expected_hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
     }
     if not dims.tied:
         shapes["lm_head.weight"] = (dims.vocab, dims.hidden)
+    if dims.norm_bias:
+        shapes["model.norm.bias"] = (dims.hidden,)
     per_layer = {
         "input_layernorm.weight": (dims.hidden,),
         "post_attention_layernorm.weight": (dims.hidden,),
@@ -190,6 +247,16 @@ def expected_hf_shapes(dims: LlamaDims) -> dict[str, tuple[int, ...]]:
         "mlp.up_proj.weight": (dims.ffn, dims.hidden),
         "mlp.down_proj.weight": (dims.hidden, dims.ffn),
     }
+    if not dims.gated:
+        del per_layer["mlp.gate_proj.weight"]
+    if dims.norm_bias:
+        per_layer.update({"input_layernorm.bias": (dims.hidden,), "post_attention_layernorm.bias": (dims.hidden,)})
+    if dims.qkv_bias:
+        per_layer.update({f"self_attn.{p}_proj.bias": (rows,) for p, rows in
+                          (("q", dims.heads * dims.head_dim), ("k", dims.groups * dims.head_dim),
+                           ("v", dims.groups * dims.head_dim))})
+    if dims.qk_norm:
+        per_layer.update({"self_attn.q_norm.weight": (dims.head_dim,), "self_attn.k_norm.weight": (dims.head_dim,)})
     for layer in range(dims.num_layers):
         for suffix, shape in per_layer.items():
             shapes[f"model.layers.{layer}.{suffix}"] = shape
@@ -222,7 +289,7 @@ class HfToMegatron:
     def __init__(self, dims: LlamaDims, spec: str = "local"):
         self.dims = dims
         self._by_hf: dict[str, tuple[Rule, int | None]] = {}
-        for rule, layer in _expand(llama_rules(spec), dims):
+        for rule, layer in _expand(family_rules(dims, spec), dims):
             for name in rule.hf:
                 self._by_hf[_fill(name, layer)] = (rule, layer)
         self._pending: dict[str, dict[str, torch.Tensor]] = {}
@@ -245,7 +312,7 @@ class HfToMegatron:
 
 def _rule_for(name: str, dims: LlamaDims, spec: str) -> tuple[Rule | None, list[str]]:
     """The rule of a Megatron name and its HF names (None, [] for a tied model's output layer)."""
-    for rule in llama_rules(spec):
+    for rule in family_rules(dims, spec):
         match = _pattern(rule.megatron).match(name)
         if match is None:
             continue

@@ -108,7 +108,7 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
 
     lora = cfg.peft.lora
     return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
-            "target_modules": resolve_targets(list(lora.target_modules)),
+            "target_modules": resolve_targets(list(lora.target_modules), gated=hf.get("gated_mlp", True)),
             "layer_selection": None if lora.layer_selection is None else list(lora.layer_selection),
             "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.hub_id,
             "base_checkpoint": cfg.model.checkpoint}

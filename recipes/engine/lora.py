@@ -47,6 +47,7 @@ import torch
 
 from nemotune.converters.formats.adapters import TARGETS as ADAPTER_TARGETS
 from nemotune.converters.formats.adapters import VARIANTS
+from nemotune.converters.formats.adapters import target_for as adapter_target_for
 from nemotune.recipes.engine.config import LoraConfig
 
 # The targets, their HF names and adapter names are the adapter file format's table (ADAPTER_TARGETS).
@@ -66,21 +67,29 @@ class AdapterSummary:
     total_parameters: int
 
 
-def resolve_targets(target_modules: List[str]) -> List[str]:
-    """Megatron target names (sorted as in a layer) for Megatron names, HF aliases or all-linear."""
+def hf_aliases(gated: bool = True) -> Dict[str, str]:
+    """HF module name -> Megatron target for a model whose MLP is gated (Llama, Mistral, Qwen) or not
+    (Nemotron: up_proj / down_proj, no gate_proj)."""
+    return {module.rsplit(".", 1)[-1]: name for name in TARGETS
+            for module in adapter_target_for(name, gated).hf_modules}
+
+
+def resolve_targets(target_modules: List[str], gated: bool = True) -> List[str]:
+    """Megatron target names (sorted as in a layer) for Megatron names, the model's HF names or all-linear."""
     resolved, unknown = set(), []
+    aliases = hf_aliases(gated)
     for name in target_modules:
         if name == ALL_LINEAR:
             resolved.update(TARGETS)
         elif name in TARGETS:
             resolved.add(name)
-        elif name in ALIASES:
-            resolved.add(ALIASES[name])
+        elif name in aliases:
+            resolved.add(aliases[name])
         else:
             unknown.append(name)
     if unknown:
         raise ValueError(f"unknown LoRA target_modules {unknown}; use {ALL_LINEAR!r}, Megatron names "
-                         f"{list(TARGETS)} or HF names {list(ALIASES)}")
+                         f"{list(TARGETS)} or this model's HF names {list(aliases)}")
     if not resolved:
         raise ValueError("LoRA target_modules is empty")
     return [t for t in TARGETS if t in resolved]
@@ -220,12 +229,12 @@ def _make_adapter(config, target: str, cfg: LoraConfig, sequence_parallel: bool)
     def branch(in_features, out_features):
         return LoraBranch(config, in_features, out_features, cfg.dim, cfg.dropout, column)
 
-    parts = [sub for sub, _ in ADAPTER_TARGETS[target].parts]
+    parts = [sub for sub, _ in adapter_target_for(target, gated).parts]
     if target == "linear_qkv" and cfg.variant == "canonical":  # parts: q, k, v
         rows = (heads * head_dim, groups * head_dim, groups * head_dim)
         adapter = UnfusedLoraAdapter({sub: branch(hidden, n) for sub, n in zip(parts, rows)},
                                      q_rows_per_group=heads // groups * head_dim)
-    elif target == "linear_fc1" and cfg.variant == "canonical":  # parts: gate, up
+    elif target == "linear_fc1" and cfg.variant == "canonical":  # parts: gate, up (up alone without a gate)
         adapter = UnfusedLoraAdapter({sub: branch(hidden, ffn) for sub in parts})
     else:
         in_features, out_features = {
@@ -255,7 +264,7 @@ def apply_lora(model, cfg: LoraConfig, *, seed: int = 1234) -> AdapterSummary:
     if selection is not None and not all(1 <= n <= config.num_layers for n in selection):
         problems.append(f"layer_selection={sorted(selection)}: layer numbers are 1-based, 1..{config.num_layers}")
     try:
-        targets = resolve_targets(list(cfg.target_modules))
+        targets = resolve_targets(list(cfg.target_modules), gated=config.gated_linear_unit)
     except ValueError as err:
         problems.append(str(err))
     if problems:

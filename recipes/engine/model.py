@@ -1,4 +1,9 @@
-"""Build megatron-core's GPTModel from a Hugging Face LlamaForCausalLM config.
+"""Build megatron-core's GPTModel from a Hugging Face config of a supported family.
+
+Families (converters/formats/hf_config.FAMILIES): Llama (LlamaForCausalLM, Llama 3.x and the Llama-Nemotrons),
+Mistral (MistralForCausalLM: Mistral-NeMo, Mistral-NeMo-Minitron), Qwen2 (q/k/v bias), Qwen3 (per-head
+q/k RMSNorm) and Nemotron-4 / Minitron (NemotronForCausalLM: LayerNorm1P, squared-ReLU MLP without a gate,
+partial RoPE). :func:`transformer_config_from_hf` maps each HF field to its TransformerConfig field.
 
 The HF `config.json` is the single source of truth for the architecture: `conf/model/*.yaml` inline its
 fields (so an 8B model can be built on the meta device with nothing downloaded), or point `hf_path` at a
@@ -37,11 +42,21 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
                                tensor_model_parallel_size: int = 1, pipeline_model_parallel_size: int = 1,
                                sequence_parallel: bool = False, context_parallel_size: int = 1,
                                **overrides):
-    """TransformerConfig for a Llama config (GQA, SwiGLU, RMSNorm, no biases)."""
+    """TransformerConfig for a config read by ``load_hf_config``, field by field:
+
+    num_hidden_layers -> num_layers, hidden_size, num_attention_heads, num_key_value_heads ->
+    num_query_groups, head_dim -> kv_channels (Mistral-NeMo: 128 != hidden / heads), intermediate_size ->
+    ffn_hidden_size, the norm epsilon -> layernorm_epsilon; the family's norm -> normalization RMSNorm, or
+    LayerNorm with layernorm_zero_centered_gamma (Nemotron's LayerNorm1P); its MLP -> gated_linear_unit +
+    silu (SwiGLU) or squared_relu without a gate (Nemotron); q/k/v bias -> add_qkv_bias (Qwen2); per-head q/k
+    norm -> qk_layernorm (Qwen3). RoPE (theta, llama3 scaling, partial_rotary_factor -> rotary_percent) and
+    tie_word_embeddings are GPTModel arguments (:func:`build_gpt_model`)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or default_params_dtype()
     gpu = on_gpu()
+    layer_norm_1p = hf.get("norm", "RMSNorm") == "LayerNorm1P"
+    gated = bool(hf.get("gated_mlp", True))
     kwargs = dict(
         num_layers=hf["num_hidden_layers"],
         hidden_size=hf["hidden_size"],
@@ -49,12 +64,14 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
         num_query_groups=hf["num_key_value_heads"],
         kv_channels=hf["head_dim"],
         ffn_hidden_size=hf["intermediate_size"],
-        normalization="RMSNorm",
+        normalization="LayerNorm" if layer_norm_1p else "RMSNorm",
+        layernorm_zero_centered_gamma=layer_norm_1p,
         layernorm_epsilon=hf["rms_norm_eps"],
-        gated_linear_unit=True,
-        activation_func=torch.nn.functional.silu,
+        gated_linear_unit=gated,
+        activation_func=torch.nn.functional.silu if gated else squared_relu,
         add_bias_linear=False,
-        add_qkv_bias=False,
+        add_qkv_bias=bool(hf.get("qkv_bias", False)),
+        qk_layernorm=bool(hf.get("qk_norm", False)),
         hidden_dropout=0.0,
         attention_dropout=0.0,
         init_method_std=hf["initializer_range"],
@@ -79,6 +96,11 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
     return TransformerConfig(**kwargs)
 
 
+def squared_relu(x: torch.Tensor) -> torch.Tensor:
+    """relu(x)^2: Nemotron's MLP activation (transformers' "relu2"); megatron.core.activations has the same."""
+    return torch.pow(torch.nn.functional.relu(x), 2)
+
+
 class SequenceParallelRMSNorm(torch.nn.RMSNorm):
     """torch RMSNorm for the local spec that also runs under sequence parallelism.
 
@@ -90,6 +112,37 @@ class SequenceParallelRMSNorm(torch.nn.RMSNorm):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         for param in self.parameters():
             setattr(param, "sequence_parallel", config.sequence_parallel)
+
+
+class SequenceParallelLayerNorm1P(torch.nn.LayerNorm):
+    """torch LayerNorm with a zero-centred gamma (weight + 1 at run time) for the local spec, also under
+    sequence parallelism: megatron's layernorm_zero_centered_gamma on CPU, where megatron's WrappedTorchNorm
+    refuses it. It is transformers' NemotronLayerNorm1P, so Nemotron's stored weights map 1:1; a fresh one
+    starts at gamma 0 (i.e. 1), as megatron initialises its own."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **unused):
+        super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
+        with torch.no_grad():
+            self.weight.zero_()
+        for param in self.parameters():
+            setattr(param, "sequence_parallel", config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, self.normalized_shape, self.weight + 1, self.bias, self.eps)
+
+
+class LocalNorm:
+    """The local spec's norm module, chosen by the config: RMSNorm, or LayerNorm1P when
+    config.layernorm_zero_centered_gamma (megatron builds every norm -- per layer, final, per-head q/k --
+    with (config, hidden_size, eps))."""
+
+    def __new__(cls, config, hidden_size: int, eps: float = 1e-5, **unused):
+        if config.normalization == "RMSNorm" and not config.layernorm_zero_centered_gamma:
+            return SequenceParallelRMSNorm(config, hidden_size, eps)
+        if config.normalization == "LayerNorm" and config.layernorm_zero_centered_gamma:
+            return SequenceParallelLayerNorm1P(config, hidden_size, eps)
+        raise ValueError(f"no local norm for normalization={config.normalization!r}, zero_centered_gamma="
+                         f"{config.layernorm_zero_centered_gamma}")
 
 
 def _sdpa_core_attention():
@@ -128,27 +181,32 @@ def _sdpa_core_attention():
     return SdpaCoreAttention
 
 
-def layer_spec(use_te: bool):
-    """The transformer-block spec: TE fused layers on GPU, local PyTorch layers otherwise."""
+def layer_spec(use_te: bool, qk_layernorm: bool = False):
+    """The transformer-block spec: TE fused layers on GPU, local PyTorch layers otherwise (every norm a
+    :class:`LocalNorm`, which follows the config's normalization)."""
     from megatron.core.models.gpt import gpt_layer_specs
     from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 
     if use_te:
-        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec()
-    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm")
-    spec.submodules.self_attention.submodules.core_attention = _sdpa_core_attention()
-    spec.submodules.input_layernorm = SequenceParallelRMSNorm
-    spec.submodules.pre_mlp_layernorm = SequenceParallelRMSNorm
-    return spec, TransformerBlockSubmodules, SequenceParallelRMSNorm
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=qk_layernorm)
+    spec = gpt_layer_specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=qk_layernorm)
+    attention = spec.submodules.self_attention.submodules
+    attention.core_attention = _sdpa_core_attention()
+    if qk_layernorm:
+        attention.q_layernorm = attention.k_layernorm = LocalNorm
+    spec.submodules.input_layernorm = LocalNorm
+    spec.submodules.pre_mlp_layernorm = LocalNorm
+    return spec, TransformerBlockSubmodules, LocalNorm
 
 
 def llama3_inv_freq(hf: Mapping[str, Any]) -> torch.Tensor:
-    """RoPE inverse frequencies with Llama 3.x scaling, exactly as transformers computes them.
+    """RoPE inverse frequencies (over the rotated part of a head) with Llama 3.x scaling, exactly as
+    transformers computes them.
 
     megatron-core hard-codes low/high_freq_factor 1/4 and an 8192 original context; this honours the
     config's own values.
     """
-    dim = hf["head_dim"]
+    dim = int(hf["head_dim"] * hf.get("partial_rotary_factor", 1.0))  # Nemotron rotates half of each head
     inv_freq = 1.0 / (hf["rope_theta"] ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     scaling = hf.get("rope_scaling")
     if not scaling or scaling.get("rope_type", scaling.get("type")) != "llama3":
@@ -198,9 +256,9 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
         hf, params_dtype=params_dtype, perform_initialization=init_weights and not meta,
         **{**parallel, **config_overrides})
     if use_te:
-        spec = layer_spec(True)
+        spec = layer_spec(True, config.qk_layernorm)
     else:
-        layer, block_submodules, norm = layer_spec(False)
+        layer, block_submodules, norm = layer_spec(False, config.qk_layernorm)
         spec = block_submodules(layer_specs=[layer] * _layers_on_this_stage(config), layer_norm=norm)
     build_kwargs = dict(
         config=config,
@@ -211,7 +269,7 @@ def build_gpt_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
         post_process=post_process,
         share_embeddings_and_output_weights=bool(hf["tie_word_embeddings"]),
         position_embedding_type="rope",
-        rotary_percent=1.0,
+        rotary_percent=float(hf.get("partial_rotary_factor", 1.0)),
         rotary_base=int(hf["rope_theta"]),
     )
     if meta:
