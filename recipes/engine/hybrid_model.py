@@ -103,6 +103,25 @@ def hybrid_stack_spec():
     ))
 
 
+PACKING_REFUSED = (
+    "packed sequences are refused for Nemotron-H: the Mamba-2 layers would carry their conv and SSM state "
+    "across the documents of a pack (megatron's mixer resets state per document only through mamba_ssm's "
+    "seq_idx, which nemotune does not yet derive from its packed batches); prepare and train unpacked data")
+
+
+class PackedSequencesRefused(ValueError):
+    pass
+
+
+def _refuse_packed_documents(module, args, kwargs):
+    """A packed batch (a DocumentMask or PackedSeqParams) reaching the hybrid stack is refused, not run wrong."""
+    from nemotune.recipes.engine.batches import DocumentMask
+
+    mask = kwargs.get("attention_mask", args[1] if len(args) > 1 else None)
+    if isinstance(mask, DocumentMask) or kwargs.get("packed_seq_params") is not None:
+        raise PackedSequencesRefused(PACKING_REFUSED)
+
+
 def build_hybrid_model(hf: Mapping[str, Any], *, pre_process: bool | None = None,
                        post_process: bool | None = None, device: str | torch.device | None = None,
                        init_weights: bool = True, params_dtype=None, **config_overrides):
@@ -146,6 +165,7 @@ def build_hybrid_model(hf: Mapping[str, Any], *, pre_process: bool | None = None
     for module in model.modules():
         if type(module).__name__ == "MambaMixer" and getattr(module, "norm", None) is not None:
             module.norm.eps = hf["layer_norm_epsilon"]
+    model.decoder.register_forward_pre_hook(_refuse_packed_documents, with_kwargs=True)
     if not (init_weights and not meta):
         _mark_tensor_parallel_weights(model)
     if post_process:
