@@ -15,8 +15,8 @@ megatron's hybrid stack (local spec) the norm sits in the layer that owns the mi
   model.embeddings.weight -> embedding.word_embeddings.weight, model.norm_f.weight -> decoder.final_norm.weight,
   lm_head.weight -> output_layer.weight
 
-NVIDIA's published checkpoints name the base model `backbone.` (their remote code); transformers' own class
-names it `model.`. Both are read; `model.` is written. Every conversion is a rename or the qkv fusion: exact.
+NVIDIA's published checkpoints and transformers' save_pretrained name the base model `backbone.` on disk;
+transformers' module state_dict names it `model.`. Both are read; files are written with `backbone.`. Every conversion is a rename or the qkv fusion: exact.
 """
 
 from __future__ import annotations
@@ -155,8 +155,10 @@ def hf_to_megatron(hf_state: Mapping[str, torch.Tensor], hf: Mapping[str, Any]) 
     return out
 
 
-def megatron_to_hf(megatron_state: Mapping[str, torch.Tensor], hf: Mapping[str, Any]) -> dict[str, torch.Tensor]:
-    """Megatron (TP=1) state dict -> HF (`model.` names); `_extra_state` entries are skipped."""
+def megatron_to_hf(megatron_state: Mapping[str, torch.Tensor], hf: Mapping[str, Any], *,
+                   base_prefix: str = "model.") -> dict[str, torch.Tensor]:
+    """Megatron (TP=1) state dict -> HF names: `model.` (the module's state_dict) or `backbone.` (what
+    transformers' save_pretrained and NVIDIA's checkpoints write); `_extra_state` entries are skipped."""
     dims = attention_dims(hf)
     out = {}
     for megatron, names in name_table(hf):
@@ -164,5 +166,6 @@ def megatron_to_hf(megatron_state: Mapping[str, torch.Tensor], hf: Mapping[str, 
             raise ValueError(f"Megatron state lacks {megatron}")
         tensor = megatron_state[megatron]
         parts = split_qkv(tensor, dims) if len(names) == 3 else (tensor,)
-        out.update(zip(names, parts))
+        out.update((base_prefix + n[len("model."):] if n.startswith("model.") else n, t)
+                   for n, t in zip(names, parts))
     return out
