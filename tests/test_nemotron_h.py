@@ -225,14 +225,22 @@ def tiny_hf_dir(tmp_path_factory):
     return out
 
 
-def test_convert_cli_round_trip_and_verify(tiny_hf_dir, tmp_path):
+@pytest.fixture(scope="module")
+def converted(tiny_hf_dir):
+    from conftest import run_module
+
+    mcore = tiny_hf_dir.parent / "mcore"
+    run_module("nemotune.converters.convert", "hf-to-megatron", "--hf", tiny_hf_dir, "--out", mcore,
+               "--no-progress")
+    return mcore
+
+
+def test_convert_cli_round_trip_and_verify(tiny_hf_dir, converted, tmp_path):
     from safetensors.torch import load_file
 
     from conftest import run_module
 
-    mcore, back = tmp_path / "mcore", tmp_path / "back"
-    run_module("nemotune.converters.convert", "hf-to-megatron", "--hf", tiny_hf_dir, "--out", mcore,
-               "--no-progress")
+    mcore, back = converted, tmp_path / "back"
     result = run_module("nemotune.converters.convert", "verify", "--hf", tiny_hf_dir, "--ckpt", mcore,
                         "--tolerance", "1e-4", "--seq-len", "24")
     print(result.stdout.strip())
@@ -245,3 +253,17 @@ def test_convert_cli_round_trip_and_verify(tiny_hf_dir, tmp_path):
     again = run_module("nemotune.converters.convert", "hf-to-megatron", "--hf", tiny_hf_dir, "--out", mcore,
                        "--no-progress", check=False)
     assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1 and "Traceback" not in again.stderr
+
+
+def test_tensor_parallel_2_matches_transformers_and_tp1_gradients(tiny_hf_dir, converted, tmp_path):
+    import json
+
+    from conftest import run_torchrun
+
+    report = tmp_path / "report.json"
+    run_torchrun(Path(__file__).parent / "dist" / "nemotron_h_tp.py", tiny_hf_dir, converted, report)
+    result = json.loads(report.read_text())
+    print(f"TP=2 vs transformers max |logit diff| {result['logit_diff']:.3e}, TP=2 vs TP=1 mixer grads "
+          f"{result['grad_diff']:.3e} (norm {result['grad_norm']:.3e})")
+    assert result["logit_diff"] <= 1e-4 and result["logit_diff_tp1"] <= 1e-4
+    assert result["grad_norm"] > 1e-3 and result["grad_diff"] <= 1e-5

@@ -220,9 +220,20 @@ class RMSNormGated(torch.nn.Module):
         return _gated_rmsnorm(x, self.weight, self.bias, z, self.eps, self.group_size, self.norm_before_gate)
 
 
-def kernels_present() -> bool:
-    """True where megatron-core imported the real mamba_ssm kernels."""
-    return bool(importlib.import_module("megatron.core.ssm.mamba_mixer").HAVE_MAMBA_SSM) and not _INSTALLED
+class ExtendedRMSNorm(RMSNormGated):
+    """megatron's ExtendedRMSNorm over the reference norm: the weight is sharded by TP rank along axis 0 in
+    checkpoints (megatron subclasses mamba_ssm's class, a MagicMock where mamba_ssm is absent)."""
+
+    def sharded_state_dict(self, prefix="", sharded_offsets=(), metadata=None):
+        from megatron.core import parallel_state
+        from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+        if not hasattr(self, "tp_group"):
+            self.tp_group = parallel_state.get_tensor_model_parallel_group()
+        return make_sharded_tensors_for_checkpoint(
+            self.state_dict(prefix="", keep_vars=True), prefix, {"weight": 0}, sharded_offsets,
+            tp_group=self.tp_group, dp_cp_group=(metadata or {}).get("dp_cp_group")
+            or parallel_state.get_data_parallel_group(with_context_parallel=True))
 
 
 def install(final_norm_cls=None) -> bool:
@@ -238,10 +249,7 @@ def install(final_norm_cls=None) -> bool:
         mixer.mamba_split_conv1d_scan_combined = mamba_split_conv1d_scan_combined
         mixer.mamba_chunk_scan_combined = mamba_chunk_scan_combined
         mixer.causal_conv1d_fn = causal_conv1d_fn
-        original = mixer.__dict__.get("ExtendedRMSNorm")
-        sharded = original.__dict__.get("sharded_state_dict") if original is not None else None
-        mixer.ExtendedRMSNorm = type("ExtendedRMSNorm", (RMSNormGated,),
-                                     {"sharded_state_dict": sharded} if sharded else {})
+        mixer.ExtendedRMSNorm = ExtendedRMSNorm
         mixer.RMSNormGated = RMSNormGated
         mixer.HAVE_MAMBA_SSM = True
         _INSTALLED = True
