@@ -73,11 +73,14 @@ def build_conversion_model(hf: Mapping[str, Any], dtype: torch.dtype = torch.flo
                               post_process=True)
 
 
-def _fill(model, hf: Mapping[str, Any], hf_state: Mapping[str, torch.Tensor], origin: Path) -> None:
+def _megatron_state(hf: Mapping[str, Any], hf_state: Mapping[str, torch.Tensor], origin: Path) -> dict:
     try:
-        state = mh.hf_to_megatron(hf_state, hf)
+        return mh.hf_to_megatron(hf_state, hf)
     except ValueError as err:
         raise ConversionError(f"{origin}: {err}") from None
+
+
+def _fill(model, state: Mapping[str, torch.Tensor], origin: Path) -> None:
     own = model.state_dict()
     wrong = [f"{k} {list(v.shape)} (config implies {list(own[k].shape)})" for k, v in state.items()
              if tuple(v.shape) != tuple(own[k].shape)]
@@ -95,9 +98,10 @@ def hf_to_megatron(hf_dir: str | Path, out_dir: str | Path, *, dtype=None, overw
     hf = _load(config_of(hf_dir) or {}, str(hf_dir / "config.json"))
     hf_state, ckpt_dtype = _read_hf_state(hf_dir)
     dtype = _dtype(dtype, ckpt_dtype)
+    state = _megatron_state(hf, hf_state, hf_dir)  # a missing tensor is named before the model is built
     model = build_conversion_model(hf, dtype)
-    _fill(model, hf, hf_state, hf_dir)
-    del hf_state
+    _fill(model, state, hf_dir)
+    del hf_state, state
     with _output(out_dir, inputs=[hf_dir], overwrite=overwrite) as tmp:
         save_dist_checkpoint(model, tmp / "weights")
         copy_auxiliary_files(hf_dir, tmp)
