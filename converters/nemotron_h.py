@@ -179,3 +179,26 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, batch_size: int = 2, seq_len
         expected = hf_model(input_ids=input_ids).logits.float()
         actual = model(input_ids, position_ids, attention_mask=None).float()
     return (expected - actual).abs().max().item()
+
+
+def write_peft_adapter(model, out_dir: str | Path, *, dim: int, alpha: float, base_model: str | None = None,
+                       overwrite: bool = False) -> Path:
+    """The LoRA adapters of a TP=1 hybrid model as an HF PEFT adapter dir for NemotronHForCausalLM
+    (adapter_model.safetensors + adapter_config.json), written atomically."""
+    from safetensors.torch import save_file
+
+    from nemotune.recipes.engine.hybrid_lora import peft_state_dict
+
+    state = peft_state_dict(model)
+    if not state:
+        raise ConversionError("the model has no LoRA adapters to export")
+    targets = sorted({key.split(".")[-3] for key in state})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": dim, "lora_alpha": alpha, "lora_dropout": 0.0,
+              "bias": "none", "target_modules": targets, "base_model_name_or_path": base_model,
+              "fan_in_fan_out": False, "inference_mode": True}
+    _check_output(out_dir, [], overwrite)
+    with _output(out_dir, inputs=[], overwrite=overwrite) as tmp:
+        save_file({k: v.contiguous() for k, v in state.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return Path(out_dir)

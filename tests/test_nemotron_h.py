@@ -263,3 +263,53 @@ def test_tensor_parallel_2_matches_transformers_and_tp1_gradients(tiny_hf_dir, c
           f"{result['grad_diff']:.3e} (norm {result['grad_norm']:.3e})")
     assert result["logit_diff"] <= 1e-4 and result["logit_diff_tp1"] <= 1e-4
     assert result["grad_norm"] > 1e-3 and result["grad_diff"] <= 1e-5
+
+
+def test_lora_on_mamba_attention_and_mlp_trains_and_loads_in_peft_with_equal_logits(tiny_pair, tmp_path):
+    peft = pytest.importorskip("peft")
+    from nemotune.converters.nemotron_h import write_peft_adapter
+    from nemotune.recipes.engine.hybrid_lora import DEFAULT_TARGETS, apply_hybrid_lora, peft_state_dict
+    from nemotune.recipes.engine.hybrid_model import build_hybrid_model
+
+    _, hf, base = tiny_pair
+    model = build_hybrid_model(hf, init_weights=False)
+    model.load_state_dict(base.state_dict())
+    trainable = apply_hybrid_lora(model, dim=4, alpha=8.0, seed=7)
+    assert {n.split(".adapter_layer.")[1].split(".")[0] for n in trainable} == {
+        "in_proj", "linear_qkv", "linear_proj", "linear_fc1", "linear_fc2"}
+    assert all(p.requires_grad == (n in trainable) for n, p in model.named_parameters())
+    ids = torch.randint(0, TINY["vocab_size"], (2, 16), generator=torch.Generator().manual_seed(4))
+    labels = torch.roll(ids, -1, dims=1)
+    optim = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    model.train()
+    for _ in range(8):
+        logits = _logits(model, ids)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1))
+        optim.zero_grad()
+        loss.backward()
+        optim.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.8 * losses[0], losses
+    model.eval()
+    with torch.no_grad():
+        want = _logits(model, ids)
+    # the names are peft's own on NemotronHForCausalLM
+    reference = peft.get_peft_model(_unclamped_dt(_tiny_hf()), peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=list(DEFAULT_TARGETS)))
+    ours = peft_state_dict(model)
+    assert sorted(ours) == sorted(peft.utils.get_peft_model_state_dict(reference))
+    adapter = write_peft_adapter(model, tmp_path / "peft", dim=4, alpha=8.0)
+    loaded = peft.PeftModel.from_pretrained(_unclamped_dt(_tiny_hf()), str(adapter)).eval()
+    with torch.no_grad():
+        got = loaded(ids).logits
+        merged = loaded.merge_and_unload()(ids).logits
+        plain = base(ids, torch.arange(16).expand(2, -1), None)
+    diff, merged_diff = (got - want).abs().max().item(), (merged - want).abs().max().item()
+    print(f"LoRA: megatron vs peft max |logit diff| {diff:.3e}, merged {merged_diff:.3e}")
+    assert diff <= 1e-4 and merged_diff <= 1e-4
+    assert (want - plain).abs().max() > 1e-2  # the adapter changed the model
+    with_out_proj = build_hybrid_model(hf, init_weights=False)
+    apply_hybrid_lora(with_out_proj, target_modules=["out_proj"])
+    with pytest.raises(ValueError, match="has no HF PEFT export"):
+        peft_state_dict(with_out_proj)
