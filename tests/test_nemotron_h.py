@@ -313,3 +313,18 @@ def test_lora_on_mamba_attention_and_mlp_trains_and_loads_in_peft_with_equal_log
     apply_hybrid_lora(with_out_proj, target_modules=["out_proj"])
     with pytest.raises(ValueError, match="has no HF PEFT export"):
         peft_state_dict(with_out_proj)
+
+
+@pytest.mark.parametrize("mode, line", [("think", "/think"), ("no_think", "/no_think")])
+def test_nano_v2_reasoning_switch_in_prep(mode, line):
+    from nemotune.data_prep.config import SYSTEM_PROMPT_MODES
+    from nemotune.data_prep.templating import apply_thinking_mode
+
+    assert mode in SYSTEM_PROMPT_MODES
+    messages = [{"role": "system", "content": "/think\nAnswer as a financial analyst."},
+                {"role": "user", "content": "What is a bond?"}, {"role": "assistant", "content": "A loan."}]
+    out = apply_thinking_mode(messages, mode)
+    assert out[0] == {"role": "system", "content": line}  # the switch alone, as the model card's examples
+    assert out[1]["content"] == "Answer as a financial analyst.\n\nWhat is a bond?"
+    kept = apply_thinking_mode(messages, mode, task_prompt_placement="system")
+    assert kept[0]["content"] == f"{line}\nAnswer as a financial analyst." and len(kept) == 3
