@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import logging
 import sys
 import types
 
@@ -45,6 +46,7 @@ REDIRECTS = (
     "megatron.core.ssm.mamba_mixer.ExtendedRMSNorm -> reference gated RMSNorm (same sharded_state_dict)",
     "megatron.core.ssm.mamba_mixer.HAVE_MAMBA_SSM -> True",
     "megatron.core.ssm.mamba_block.TENorm -> the given norm class (no Transformer Engine)",
+    "megatron.core.tensor_parallel.random's 'CPU RNG state changed within GPU RNG context' -> dropped on CPU",
 )
 
 
@@ -241,6 +243,7 @@ def install(final_norm_cls=None) -> bool:
     the references are active (idempotent); False where the real kernels run."""
     global _INSTALLED
     _stub_triton_ops()
+    _quiet_cpu_rng_warning()
     mixer = importlib.import_module("megatron.core.ssm.mamba_mixer")
     block = importlib.import_module("megatron.core.ssm.mamba_block")
     if not _INSTALLED and mixer.HAVE_MAMBA_SSM:
@@ -256,6 +259,22 @@ def install(final_norm_cls=None) -> bool:
     if final_norm_cls is not None and not _te_present():
         block.TENorm = final_norm_cls
     return True
+
+
+class _CpuRngFilter(logging.Filter):
+    """megatron's RNG tracker warns when the CPU generator moves inside a "GPU" RNG fork; where CUDA is absent
+    the two are one generator (megatron_cpu), so the mixer's initialization always trips it: drop that line."""
+
+    def filter(self, record):
+        return "CPU RNG state changed within GPU RNG context" not in record.getMessage()
+
+
+def _quiet_cpu_rng_warning() -> None:
+    if torch.cuda.is_available():
+        return
+    logger = logging.getLogger("megatron.core.tensor_parallel.random")
+    if not any(isinstance(f, _CpuRngFilter) for f in logger.filters):
+        logger.addFilter(_CpuRngFilter())
 
 
 def _stub_triton_ops() -> None:
