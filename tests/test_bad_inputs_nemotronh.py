@@ -37,6 +37,8 @@ def _cases(root):
                                      root / "out_incomplete"],
                  [str(root / "incomplete"), "lacks", "model.layers.0.norm.weight"],
                  guard=[root]),
+        BadInput("train-not-yet", ["nemotune.recipes.lora_sft", "experiment=tiny_lora", "model=nemotron_nano_9b_v2"],
+                 ["model.hf_config", "NemotronHForCausalLM", "not yet training"]),
         BadInput("hf-to-nemo", [convert, "hf-to-nemo", "--hf", root / "incomplete", "--out", root / "x.nemo"],
                  ["hf-to-nemo: not available for Nemotron-H"], guard=[root]),
     ]
