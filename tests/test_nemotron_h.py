@@ -251,7 +251,7 @@ def test_convert_cli_round_trip_and_verify(tiny_hf_dir, converted, tmp_path):
     assert all(torch.equal(original[k], restored[k]) for k in original)
 
 
-def test_tensor_parallel_2_matches_transformers_and_tp1_gradients(tiny_hf_dir, converted, tmp_path):
+def test_tensor_parallel_2_matches_transformers_tp1_gradients_and_lora(tiny_hf_dir, converted, tmp_path):
     import json
 
     from conftest import run_torchrun
@@ -263,6 +263,9 @@ def test_tensor_parallel_2_matches_transformers_and_tp1_gradients(tiny_hf_dir, c
           f"{result['grad_diff']:.3e} (norm {result['grad_norm']:.3e})")
     assert result["logit_diff"] <= 1e-4 and result["logit_diff_tp1"] <= 1e-4
     assert result["grad_norm"] > 1e-3 and result["grad_diff"] <= 1e-5
+    print(f"LoRA TP=2 vs TP=1 max |logit diff| {result['lora_diff']:.3e} (LoRA moves logits by "
+          f"{result['lora_effect']:.3e})")
+    assert result["lora_effect"] > 1e-2 and result["lora_diff"] <= 1e-4
 
 
 def test_lora_on_mamba_attention_and_mlp_trains_and_loads_in_peft_with_equal_logits(tiny_pair, tmp_path):

@@ -24,7 +24,8 @@ from typing import Iterable
 
 import torch
 
-from nemotune.recipes.engine.lora import AdapterLayer, LoraAdapter, LoraBranch, UnfusedLoraAdapter
+from nemotune.recipes.engine.lora import (AdapterLayer, LoraAdapter, LoraBranch, UnfusedLoraAdapter, _full_shape,
+                                          _shard)
 
 # HF module -> (megatron layer kind, parent attribute path, megatron module)
 HF_TARGETS = {
@@ -115,11 +116,11 @@ def apply_hybrid_lora(model, *, dim: int = 8, alpha: float = 16.0, target_module
             continue
         trainable.append(name)
         with torch.no_grad():
-            if name.endswith("linear_in.weight"):
-                full = torch.empty(param.shape, dtype=torch.float32)
+            if name.endswith("linear_in.weight"):  # drawn at full size, then this rank's part: TP-independent
+                full = torch.empty(_full_shape(param), dtype=torch.float32)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
-                param.copy_(full)
+                param.copy_(_shard(full, param))
             else:
                 param.zero_()
     return trainable

@@ -1,5 +1,6 @@
-"""2-rank worker: a converted Nemotron-H checkpoint loaded at TP=2 gives transformers' logits (forward) and the
-TP=1 model's gradients (backward, through the reference Mamba-2 kernels).
+"""2-rank worker: a converted Nemotron-H checkpoint loaded at TP=2 gives transformers' logits (forward), the
+TP=1 model's gradients (backward, through the reference Mamba-2 kernels) and, with the same LoRA adapters, the
+TP=1 logits.
 
 argv: HF dir, converted Megatron dir, output JSON (rank 0 writes {"logit_diff", "grad_diff"}).
 """
@@ -45,6 +46,22 @@ def grads(model, ids):
     return out
 
 
+def lora_logits(model, ids):
+    """LoRA on every TP-capable target (in_proj is refused at TP > 1), B set from seeded full tensors."""
+    import zlib
+
+    from nemotune.recipes.engine.hybrid_lora import DEFAULT_TARGETS, apply_hybrid_lora
+    from nemotune.recipes.engine.lora import _full_shape, _shard
+
+    apply_hybrid_lora(model, dim=4, alpha=8.0, target_modules=[t for t in DEFAULT_TARGETS if t != "in_proj"])
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".adapter_layer." in name and name.endswith("linear_out.weight"):
+                generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+                param.copy_(_shard(torch.randn(_full_shape(param), generator=generator) * 0.1, param))
+        return gathered_logits(model, ids)
+
+
 def main(hf_dir: str, ckpt: str, out: str) -> None:
     from megatron.core import parallel_state
     from transformers import AutoModelForCausalLM
@@ -64,6 +81,7 @@ def main(hf_dir: str, ckpt: str, out: str) -> None:
         with torch.no_grad():
             results[f"logits_tp{tp}"] = gathered_logits(model, ids)
         results[f"grads_tp{tp}"] = grads(model, ids)
+        results[f"lora_tp{tp}"] = lora_logits(model, ids)
         parallel_state.destroy_model_parallel()
     report = {
         "logit_diff": (results["logits_tp2"] - expected).abs().max().item(),
@@ -71,6 +89,8 @@ def main(hf_dir: str, ckpt: str, out: str) -> None:
         "grad_diff": max((results["grads_tp2"][k] - results["grads_tp1"][k]).abs().max().item()
                          for k in results["grads_tp1"]),
         "grad_norm": sum(g.norm().item() for g in results["grads_tp1"].values()),
+        "lora_diff": (results["lora_tp2"] - results["lora_tp1"]).abs().max().item(),
+        "lora_effect": (results["lora_tp1"] - results["logits_tp1"]).abs().max().item(),
     }
     if torch.distributed.get_rank() == 0:
         Path(out).write_text(json.dumps(report))
