@@ -47,13 +47,13 @@ def grads(model, ids):
 
 
 def lora_logits(model, ids):
-    """LoRA on every TP-capable target (in_proj is refused at TP > 1), B set from seeded full tensors."""
+    """LoRA on every target but in_proj (refused at TP > 1; Mamba out_proj included), B from seeded full tensors."""
     import zlib
 
-    from nemotune.recipes.engine.hybrid_lora import DEFAULT_TARGETS, apply_hybrid_lora
+    from nemotune.recipes.engine.hybrid_lora import HF_TARGETS, apply_hybrid_lora
     from nemotune.recipes.engine.lora import _full_shape, _shard
 
-    apply_hybrid_lora(model, dim=4, alpha=8.0, target_modules=[t for t in DEFAULT_TARGETS if t != "in_proj"])
+    apply_hybrid_lora(model, dim=4, alpha=8.0, target_modules=[t for t in HF_TARGETS if t != "in_proj"])
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".adapter_layer." in name and name.endswith("linear_out.weight"):
