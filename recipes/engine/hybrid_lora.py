@@ -11,9 +11,8 @@ refuses LoRA on `out_proj` / `conv1d` of Mamba-based models (nemotron_h among th
 fused Mamba kernel path reads `out_proj.weight` directly, so a served adapter there would be ignored. The
 default targets (`DEFAULT_TARGETS`) therefore leave it out, and `peft_state_dict` refuses it with that reason.
 
-Tensor parallelism: out_proj / o_proj / down_proj (row-parallel) and q/k/v / up_proj work at any TP. in_proj is
-refused at TP > 1: its rows are sharded per component (each rank holds its z, x, B, C, dt slices), so a
-column-parallel B would have to follow that layout; until it does, the refusal says so.
+Tensor parallelism: every target works at any TP; in_proj's rows are sharded per component (each rank holds
+its z, x, B, C, dt slices), so its B is too (`shard`). `peft_state_dict` reads a TP=1 model.
 """
 
 from __future__ import annotations
@@ -64,18 +63,12 @@ def apply_hybrid_lora(model, *, dim: int = 8, alpha: float = 16.0, target_module
     """Freeze `model` and add LoRA on the given HF projections; returns the trainable parameter names."""
     import copy
 
-    from megatron.core import parallel_state
-
     targets = list(target_modules)
     unknown = sorted(set(targets) - set(HF_TARGETS))
     if unknown:
         raise ValueError(f"LoRA target_modules {unknown}: Nemotron-H targets are {list(HF_TARGETS)}")
     if dim < 1:
         raise ValueError(f"LoRA dim={dim}: must be >= 1")
-    if "in_proj" in targets and parallel_state.get_tensor_model_parallel_world_size() > 1:
-        raise ValueError("LoRA on Mamba in_proj at tensor_model_parallel_size > 1 is not supported yet: each rank's "
-                         "in_proj rows are its z/x/B/C/dt slices, which a column-parallel LoRA B does not follow; "
-                         "drop in_proj from target_modules or train at TP=1")
     config = model.config
     adapter_config = copy.copy(config)
     adapter_config.sequence_parallel = False
@@ -105,6 +98,10 @@ def apply_hybrid_lora(model, *, dim: int = 8, alpha: float = 16.0, target_module
                      for n in ("q_proj", "k_proj", "v_proj")}, q_rows_per_group=heads // groups * head_dim)
             else:
                 adapter = LoraAdapter(adapter_config, in_features, out_features, dim, 0.0, column)
+                if module == "in_proj":  # B's rows are sharded per component, as the base in_proj's
+                    d_inner = config.mamba_num_heads * config.mamba_head_dim
+                    bc = config.mamba_num_groups * config.mamba_state_dim
+                    adapter.linear_out.weight.mamba_sections = (d_inner, d_inner, bc, bc, config.mamba_num_heads)
             adapter.column, adapter.sequence_parallel, adapter.scale = column, config.sequence_parallel, alpha / dim
             if not hasattr(parent, "adapter_layer"):
                 parent.adapter_layer = AdapterLayer()
@@ -120,10 +117,22 @@ def apply_hybrid_lora(model, *, dim: int = 8, alpha: float = 16.0, target_module
                 full = torch.empty(_full_shape(param), dtype=torch.float32)
                 generator = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
                 torch.nn.init.kaiming_uniform_(full, a=math.sqrt(5), generator=generator)
-                param.copy_(_shard(full, param))
+                param.copy_(shard(full, param))
             else:
                 param.zero_()
     return trainable
+
+
+def shard(full: torch.Tensor, param) -> torch.Tensor:
+    """This TP rank's part of a full (TP=1 layout) adapter tensor; in_proj's B per z / x / B / C / dt section."""
+    sections = getattr(param, "mamba_sections", None)
+    if sections is None:
+        return _shard(full, param)
+    from megatron.core import parallel_state
+
+    size = parallel_state.get_tensor_model_parallel_world_size()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    return torch.cat([part.chunk(size, dim=0)[rank] for part in full.split(list(sections), dim=0)])
 
 
 def peft_state_dict(model, *, base: str = "base_model.model.model") -> dict[str, torch.Tensor]:

@@ -47,18 +47,18 @@ def grads(model, ids):
 
 
 def lora_logits(model, ids):
-    """LoRA on every target but in_proj (refused at TP > 1; Mamba out_proj included), B from seeded full tensors."""
+    """LoRA on every target (Mamba in_proj / out_proj included), B from seeded full tensors."""
     import zlib
 
-    from nemotune.recipes.engine.hybrid_lora import HF_TARGETS, apply_hybrid_lora
-    from nemotune.recipes.engine.lora import _full_shape, _shard
+    from nemotune.recipes.engine.hybrid_lora import HF_TARGETS, apply_hybrid_lora, shard
+    from nemotune.recipes.engine.lora import _full_shape
 
-    apply_hybrid_lora(model, dim=4, alpha=8.0, target_modules=[t for t in HF_TARGETS if t != "in_proj"])
+    apply_hybrid_lora(model, dim=4, alpha=8.0, target_modules=list(HF_TARGETS))
     with torch.no_grad():
         for name, param in model.named_parameters():
             if ".adapter_layer." in name and name.endswith("linear_out.weight"):
                 generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                param.copy_(_shard(torch.randn(_full_shape(param), generator=generator) * 0.1, param))
+                param.copy_(shard(torch.randn(_full_shape(param), generator=generator) * 0.1, param))
         return gathered_logits(model, ids)
 
 
