@@ -1,5 +1,6 @@
-"""Bad-input battery for Nemotron-H conversion: unsupported hybrid layouts, an incomplete checkpoint and the
-verbs that do not apply to the hybrid model are refused in one line naming the file or verb, writing nothing."""
+"""Bad-input battery for Nemotron-H: unsupported hybrid layouts, an incomplete checkpoint, the verbs that do not
+apply to the hybrid model and training (not wired yet) are refused in one line naming the file, key or verb,
+writing nothing."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def _cases(root):
                  [str(root / "incomplete"), "lacks", "model.layers.0.norm.weight"],
                  guard=[root]),
         BadInput("train-not-yet", ["nemotune.recipes.lora_sft", "experiment=tiny_lora", "model=nemotron_nano_9b_v2"],
-                 ["model.hf_config", "NemotronHForCausalLM", "not yet training"]),
+                 ["model.hf_config", "unsupported architecture ['NemotronHForCausalLM']"]),
         BadInput("hf-to-nemo", [convert, "hf-to-nemo", "--hf", root / "incomplete", "--out", root / "x.nemo"],
                  ["hf-to-nemo: not available for Nemotron-H"], guard=[root]),
     ]

@@ -86,12 +86,9 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
             raw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
     if raw.get("model_type", "llama") != "llama" or not set(architectures) & set(SUPPORTED_ARCHITECTURES):
-        hybrid = ("; Nemotron-H (NemotronHForCausalLM) has `nemotune convert` (hf-to-megatron, megatron-to-hf, "
-                  "verify) and the engine's hybrid builder and LoRA, not yet training or eval"
-                  if raw.get("model_type") == "nemotron_h" else "")
         raise ModelConfigError(
             f"{origin}: unsupported architecture {architectures} (model_type {raw.get('model_type')!r}); "
-            f"nemotune supports {', '.join(SUPPORTED_ARCHITECTURES)}{hybrid}")
+            f"nemotune supports {', '.join(SUPPORTED_ARCHITECTURES)}")
     missing = [k for k in _HF_REQUIRED if k not in raw]
     if missing:
         raise ModelConfigError(f"{origin}: missing fields {missing}")
