@@ -246,6 +246,8 @@ def install(final_norm_cls=None) -> bool:
     _quiet_cpu_rng_warning()
     mixer = importlib.import_module("megatron.core.ssm.mamba_mixer")
     block = importlib.import_module("megatron.core.ssm.mamba_block")
+    if final_norm_cls is not None and not _te_present():  # with or without mamba_ssm
+        block.TENorm = final_norm_cls
     if not _INSTALLED and mixer.HAVE_MAMBA_SSM:
         return False
     if not _INSTALLED:
@@ -256,8 +258,6 @@ def install(final_norm_cls=None) -> bool:
         mixer.RMSNormGated = RMSNormGated
         mixer.HAVE_MAMBA_SSM = True
         _INSTALLED = True
-    if final_norm_cls is not None and not _te_present():
-        block.TENorm = final_norm_cls
     return True
 
 
