@@ -19,9 +19,9 @@ A = -exp(A_log), dt_bias, D, the gated norm's placement) runs unchanged on the C
   module whose functions raise: training and static prefill never call them.
 
 `seq_idx` (packed documents) resets conv and scan state per document by running each document on its
-own. `install()` is idempotent and changes nothing where mamba_ssm imports (the real kernels run).
-tests/test_nemotron_h.py checks every function against transformers' own PyTorch path for
-NemotronHForCausalLM.
+own. `install()` is idempotent; where mamba_ssm imports, the real kernels run and only the final norm is
+redirected (when Transformer Engine is absent). tests/test_nemotron_h.py checks the scan against a plain
+recurrence and transformers' own PyTorch path, and the whole model against NemotronHForCausalLM.
 """
 
 from __future__ import annotations
