@@ -45,6 +45,13 @@ RUN python -m pip install -c /etc/nemotune-image-constraints.txt -r /tmp/nemotun
  && python -c "import torch, megatron.core, transformer_engine.pytorch, nemotune.recipes, nemotune.launchers, nemotune.converters, nemotune.data_prep; \
 print('torch', torch.__version__, 'megatron-core', megatron.core.__version__)"
 
+# Nemotron-H (hybrid Mamba-2) runs megatron-core's MambaMixer on mamba_ssm's Triton kernels and causal_conv1d's
+# CUDA conv (the `mamba` extra); built here against the image's torch / CUDA (no build isolation, so pip cannot
+# swap torch). Without them nemotune falls back to its reference PyTorch kernels (recipes/engine/mamba_cpu.py).
+RUN python -m pip install --no-build-isolation -c /etc/nemotune-image-constraints.txt \
+        "causal-conv1d>=1.4" "mamba-ssm>=2.2" \
+ && python -c "import causal_conv1d, mamba_ssm; print('mamba_ssm', mamba_ssm.__version__)"
+
 # No network at run time: models, tokenizers and datasets come from mounted paths / the HF cache.
 ENV HF_HUB_OFFLINE=1 \
     TRANSFORMERS_OFFLINE=1 \

@@ -78,6 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     def verb() -> int:
+        if _nemotron_h(args):  # NemotronHForCausalLM: the hybrid Mamba-Transformer path
+            return _nemotron_h_verb(args)
         if args.command == "verify":
             diff = checkpoint.verify(args.hf, args.ckpt, tolerance=args.tolerance, batch_size=args.batch_size,
                                      seq_len=args.seq_len, seed=args.seed, adapter=args.adapter,
@@ -100,6 +102,37 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     return one_line_errors(verb)
+
+
+def _nemotron_h(args) -> bool:
+    from nemotune.converters import nemotron_h
+
+    source = getattr(args, "hf", None) if args.command != "verify" else args.ckpt
+    source = source or getattr(args, "source", None)
+    return source is not None and nemotron_h.config_of(source) is not None
+
+
+def _nemotron_h_verb(args) -> int:
+    from nemotune.converters import nemotron_h
+    from nemotune.converters.formats.checkpoint import ConversionError
+
+    if args.command == "verify":
+        diff = nemotron_h.verify(args.hf, args.ckpt, batch_size=args.batch_size, seq_len=args.seq_len,
+                                 seed=args.seed, adapter=args.adapter, peft_dir=args.peft)
+        ok = diff <= args.tolerance
+        print(f"max |logit diff| = {diff:.3e} ({'OK' if ok else 'FAIL'}, tolerance {args.tolerance:.1e})")
+        return 0 if ok else 1
+    if args.command == "hf-to-megatron":
+        out = nemotron_h.hf_to_megatron(args.hf, args.out, dtype=args.dtype, overwrite=args.overwrite,
+                                        progress=not args.no_progress)
+    elif args.command == "megatron-to-hf":
+        out = nemotron_h.megatron_to_hf(args.source, args.out, max_shard_size=args.max_shard_size,
+                                        dtype=args.dtype, overwrite=args.overwrite, progress=not args.no_progress)
+    else:
+        raise ConversionError(f"{args.command}: not available for Nemotron-H (NemotronHForCausalLM); use "
+                              "hf-to-megatron / megatron-to-hf / verify")
+    print(f"wrote {out}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ FIQA_SYSTEM_PROMPT = (
 
 SOURCES = ("hf", "local")
 FORMATS = ("auto", "fields", "messages", "nemo_chat", "input_output")
-SYSTEM_PROMPT_MODES = ("none", "thinking_on", "thinking_off")
+SYSTEM_PROMPT_MODES = ("none", "thinking_on", "thinking_off", "think", "no_think")
 TASK_PROMPT_PLACEMENTS = ("user", "system")
 TRUNCATIONS = ("drop", "truncate_prompt")
 PACK_ALGORITHMS = ("first_fit_decreasing", "first_fit_shuffle")
@@ -49,7 +49,8 @@ class DataConfig:
     stratify_key: Optional[str] = "answer_length"  # answer_length | <column name> | null (plain shuffle)
     stratify_buckets: int = 4  # answer-length quantile buckets
     system_prompt: Optional[str] = FIQA_SYSTEM_PROMPT
-    system_prompt_mode: str = "none"  # none | thinking_on | thinking_off (Nemotron "detailed thinking" line)
+    # none | thinking_on | thinking_off (Llama-Nemotron "detailed thinking" line) | think | no_think (Nano v2)
+    system_prompt_mode: str = "none"
     # with a thinking mode the system turn is the switch line alone (the Nemotron Nano model card); the task's
     # system prompt goes to the start of the first user turn (user) or after the switch line (system)
     task_prompt_placement: str = "user"

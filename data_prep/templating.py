@@ -23,8 +23,10 @@ ANSWER_TOO_LONG = "answer_too_long"  # truncate_prompt cannot help: the answers 
 ALL_MASKED = "all_masked"  # no token would carry loss
 
 
-# Nemotron's reasoning switch: the model card sets the system prompt to exactly this line.
-THINKING_LINES = {"thinking_on": "detailed thinking on", "thinking_off": "detailed thinking off"}
+# Nemotron's reasoning switch: the model card sets the system prompt to exactly this line (Llama-Nemotron v1:
+# "detailed thinking on|off"; Nemotron Nano v2, a hybrid: "/think" or "/no_think").
+THINKING_LINES = {"thinking_on": "detailed thinking on", "thinking_off": "detailed thinking off",
+                  "think": "/think", "no_think": "/no_think"}
 TASK_PROMPT_PLACEMENTS = ("user", "system")
 # Stands in for the final assistant content while the template renders the turn around it: letters only, so
 # no template trims, escapes or splits it, in mixed case, so a template that changes case is caught.
@@ -48,7 +50,7 @@ def apply_thinking_mode(messages: list[dict], mode: str, task_prompt_placement: 
     if messages and messages[0]["role"] == "system":
         task = messages.pop(0)["content"].strip()
         first, _, rest = task.partition("\n")
-        if first.strip().startswith("detailed thinking"):
+        if first.strip().startswith("detailed thinking") or first.strip() in ("/think", "/no_think"):
             task = rest.strip()
     if task and task_prompt_placement == "system":
         return [{"role": "system", "content": f"{switch}\n{task}"}] + messages
