@@ -1,11 +1,16 @@
-"""Training checkpoints: adapters + optimizer through megatron-core dist_checkpointing, plus trainer state.
+"""Training checkpoints: trainable weights + optimizer through megatron-core dist_checkpointing, plus trainer state.
 
 <run_dir>/checkpoints/step0000042/
-  dist/                  adapter weights + optimizer state (dist_checkpointing: reloads under any TP/PP/DP)
-  adapter/               the consolidated adapter (TP=1 layout, all layers) that `nemotune export` reads
-  trainer_state.json     step, consumed_samples, epoch, val_loss, scheduler state, base-model reference
+  dist/                  LoRA: adapter weights + optimizer state; full SFT (peft.peft_scheme=none): the whole
+                         model under the key prefix `model.` (MODEL_PREFIX) + optimizer state
+                         (dist_checkpointing, the distributed optimizer's state fully reshardable: reloads
+                         under any TP/PP/DP)
+  adapter/               LoRA only: the consolidated adapter (TP=1 layout, all layers) that `nemotune export` reads
+  hf/                    the model's HF config.json, generation_config.json and the training tokenizer's files
+                         (tokenizer.save_pretrained: the chat template the data was prepared with)
+  trainer_state.json     step, consumed_samples, epoch, val_loss, scheduler state, peft_scheme, base reference
   rng/rank*.pt           each rank's RNG states
-The frozen base is referenced by path + sha256, never copied. A checkpoint is written under a `.tmp-`
+A LoRA checkpoint references the frozen base by path + sha256, never copies it. A checkpoint is written under a `.tmp-`
 name (its writer's host and pid recorded in it, so the next run can clean it up) and renamed when every
 rank has finished, so a crash mid-save never leaves one that looks complete.
 Top-k checkpoints by val_loss are kept, plus the last.
@@ -28,6 +33,8 @@ from nemotune.recipes.engine.run_dir import OWNER_NAME, owner_record
 
 STATE_FILE = "trainer_state.json"
 RESUME_FROM = ("latest", "previous")
+MODEL_PREFIX = "model."  # a full-SFT checkpoint's model tensor keys: model.decoder.layers.0...., as in a .nemo
+HF_DIR = "hf"
 
 
 class CheckpointError(ValueError):
@@ -48,6 +55,52 @@ def adapter_sharded_state_dict(model_chunks) -> dict:
             if "adapter_layer" in key:
                 sharded[key] = value
     return sharded
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """The whole model's sharded state dict (full SFT), every key under MODEL_PREFIX."""
+    sharded = {}
+    for chunk in model_chunks:  # the GPTModel itself, not its DDP wrapper (which would add `module.`)
+        sharded.update(unwrap(chunk).sharded_state_dict(prefix=MODEL_PREFIX, metadata=sharding_metadata()))
+    return sharded
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def write_hf_dir(out: Path, *, hf_config: dict, hf_path: Optional[str], tokenizer) -> None:
+    """<step>/hf: the model's config.json and generation_config.json (model.hf_path's own files when it has
+    them) and the training tokenizer's files, chat template included."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(hf_path) if hf_path else None
+    for name in ("config.json", "generation_config.json"):
+        if source is not None and (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if not (out / "config.json").is_file():
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if not (out / "generation_config.json").is_file():
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if hf_config.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def _save_adapter(out: Path, state: dict, config: dict, tokenizer) -> None:
+    """The consolidated adapter with the training tokenizer's files (its chat template) beside it."""
+    import inspect
+
+    from nemotune.converters.formats.adapters import save_adapter
+
+    if "tokenizer" in inspect.signature(save_adapter).parameters:
+        save_adapter(out, state, config, tokenizer=tokenizer)
+        return
+    save_adapter(out, state, config)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -72,12 +125,15 @@ def read_state(ckpt: Path) -> dict:
 
 
 class Checkpointer:
-    def __init__(self, root: Path, *, adapter_config: dict, base_reference: dict, save_top_k: int,
-                 resume: bool, resume_from: str = "latest"):
+    def __init__(self, root: Path, *, adapter_config: Optional[dict], base_reference: dict, save_top_k: int,
+                 resume: bool, resume_from: str = "latest", peft_scheme: str = "lora",
+                 hf_config: Optional[dict] = None, hf_path: Optional[str] = None, tokenizer=None):
         if resume_from not in RESUME_FROM:
             raise CheckpointError(f"run.resume_from={resume_from}: expected one of {', '.join(RESUME_FROM)}")
         self.root = Path(root)
         self.adapter_config = adapter_config
+        self.peft_scheme = peft_scheme
+        self.hf_config, self.hf_path, self.tokenizer = hf_config, hf_path, tokenizer
         self.base_reference = base_reference
         self.save_top_k = save_top_k
         self.resume = resume
@@ -88,8 +144,6 @@ class Checkpointer:
         """Every rank writes its shards under `.tmp-stepN` (its writer recorded in it); renamed to `stepN`
         once all ranks are done. A failure on any rank removes the temporary and raises CheckpointError."""
         from megatron.core import dist_checkpointing
-
-        from nemotune.converters.formats.adapters import save_adapter
 
         progress = trainer.state_dict()
         step = progress["step"]
@@ -111,11 +165,15 @@ class Checkpointer:
             failure = err
         self._agree(failure, tmp, final)
         try:
-            full_adapter = trainer.consolidated_adapter()
+            full_adapter = trainer.consolidated_adapter() if self.peft_scheme == "lora" else None
             torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
             if distributed.is_rank_zero():
-                save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
-                payload = {**progress, "base_model": self.base_reference,
+                if self.peft_scheme == "lora":
+                    _save_adapter(tmp / "adapter", full_adapter, self.adapter_config, self.tokenizer)
+                if self.hf_config is not None:
+                    write_hf_dir(tmp / HF_DIR, hf_config=self.hf_config, hf_path=self.hf_path,
+                                 tokenizer=self.tokenizer)
+                payload = {**progress, "peft_scheme": self.peft_scheme, "base_model": self.base_reference,
                            # sizes of the shard files: a resume names a truncated one before reading it
                            "dist_files": {f.name: f.stat().st_size for f in sorted((tmp / "dist").iterdir())
                                           if f.is_file()}}
@@ -192,6 +250,7 @@ class Checkpointer:
         from nemotune.converters.formats.safe_pickle import UnsafeFileError, check_checkpoint_files
 
         payload = read_state(ckpt)  # names a damaged trainer_state.json
+        self._check_peft_scheme(ckpt, payload)
         try:  # megatron / torch unpickle its .metadata: refuse anything but data first (and short shards)
             check_checkpoint_files(ckpt)
         except UnsafeFileError as err:
@@ -217,6 +276,17 @@ class Checkpointer:
         if rng_file.is_file() and payload.get("world_size") == distributed.world_size():
             _set_rng_states(torch.load(rng_file, weights_only=True))
 
+
+    def _check_peft_scheme(self, ckpt: Path, payload: dict) -> None:
+        """A LoRA checkpoint holds adapters only, a full-SFT one the whole model: neither resumes as the other."""
+        saved = payload.get("peft_scheme") or "lora"  # checkpoints written before full SFT existed are LoRA
+        if saved == self.peft_scheme:
+            return
+        what = {"lora": "a LoRA (adapter-only)", "none": "a full-parameter SFT"}
+        raise CheckpointError(
+            f"{ckpt} is {what.get(saved, saved)} checkpoint (peft_scheme {saved}) and this run has "
+            f"peft.peft_scheme={self.peft_scheme}; resume it with peft={saved}, or set run.output_dir=<new dir> "
+            f"to start a new run" + (" (a full-SFT step dir can be its model.checkpoint)" if saved == "none" else ""))
 
     @staticmethod
     def _check_shard_sizes(ckpt: Path, recorded: dict) -> None:

@@ -234,6 +234,7 @@ class SupervisedTrainer:
             "val_loss": state.last_val_loss,
             "best_val_loss": None if state.best_val_loss == math.inf else state.best_val_loss,
             "stage": self.stage,
+            "peft_scheme": self.cfg.peft.peft_scheme,
             "world_size": distributed.world_size(),
             "max_steps": self.max_steps,
             "scheduler": self.scheduler.state_dict(),
@@ -263,23 +264,41 @@ class SupervisedTrainer:
         if payload.get("best_val_loss") is not None:
             state.best_val_loss = payload["best_val_loss"]
 
-    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
-        """Adapters and optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
-        from nemotune.recipes.engine.checkpointing import adapter_sharded_state_dict, sharding_metadata
+    @property
+    def full_parameter(self) -> bool:
+        """Full-parameter SFT (peft.peft_scheme=none): every weight trains and is checkpointed."""
+        return self.cfg.peft.peft_scheme == "none"
 
-        sharded = adapter_sharded_state_dict(self.model)
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """The trainable weights (LoRA: the adapters; full SFT: the whole model, keys under `model.`) and the
+        optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
+        from nemotune.recipes.engine.checkpointing import (adapter_sharded_state_dict, model_sharded_state_dict,
+                                                           sharding_metadata)
+
+        sharded = model_sharded_state_dict(self.model) if self.full_parameter else \
+            adapter_sharded_state_dict(self.model)
         return {"model": sharded, "optimizer": self.optimizer.sharded_state_dict(
             sharded, is_loading=is_loading, metadata=sharding_metadata())}
 
     def consolidated_adapter(self) -> dict:
-        """The whole adapter in the TP=1 layout (collective: every rank calls it)."""
+        """The whole adapter in the TP=1 layout (collective: every rank calls it). LoRA only."""
         from nemotune.recipes.engine import lora
 
         return lora.gather_adapter(self.model)
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        for chunk in self.model:
-            chunk.load_state_dict(state["model"], strict=False)
+        from nemotune.recipes.engine.checkpointing import MODEL_PREFIX, unwrap
+
+        if self.full_parameter:
+            weights = {key[len(MODEL_PREFIX):]: value for key, value in state["model"].items()}
+            for chunk in self.model:
+                missing, _ = unwrap(chunk).load_state_dict(weights, strict=False)
+                missing = [k for k in missing if not k.endswith("_extra_state")]
+                if missing:
+                    raise ValueError(f"the checkpoint lacks {len(missing)} of this model's weights, e.g. {missing[:3]}")
+        else:
+            for chunk in self.model:
+                chunk.load_state_dict(state["model"], strict=False)
         self.optimizer.load_state_dict(state["optimizer"])
         # the optimizer's saved param groups carry the lr of the saved schedule: apply this config's schedule
         self.scheduler.step(increment=0)
