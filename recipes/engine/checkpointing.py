@@ -18,6 +18,7 @@ Top-k checkpoints by val_loss are kept, plus the last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -63,6 +64,67 @@ def model_sharded_state_dict(model_chunks) -> dict:
     for chunk in model_chunks:  # the GPTModel itself, not its DDP wrapper (which would add `module.`)
         sharded.update(unwrap(chunk).sharded_state_dict(prefix=MODEL_PREFIX, metadata=sharding_metadata()))
     return sharded
+
+
+@contextlib.contextmanager
+def optimizer_state_to_load_into(optimizer):
+    """For the block: an optimizer that has not stepped yet gets the state a checkpoint loads into.
+
+    megatron's distributed optimizer (without Apex / TE's fused Adam) reads torch Adam's per-parameter `step`
+    while it describes its state, which exists only after a first step, and then loads every tensor of the
+    state but `step` (set from the checkpoint's own): a `step` is lent for the block and removed after it."""
+    lent = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if inner is None or init is None:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if any(len(inner.state[p]) for p in params):
+            continue
+        init(inner)
+        if isinstance(inner, torch.optim.Adam):  # AdamW derives from it
+            for p in params:
+                inner.state[p]["step"] = torch.tensor(0.0)
+                lent.append(inner.state[p])
+    try:
+        yield
+    finally:
+        for state in lent:
+            state.pop("step", None)
+
+
+@contextlib.contextmanager
+def torch_adam_step_tolerated(optimizer):
+    """For the block: megatron-core's distributed optimizer loads a fully reshardable state into torch Adam.
+
+    Without Apex / TE's fused Adam, its load_state_dict puts torch Adam's `step` into every parameter's state
+    and then copies each state key from the checkpoint's tensors, which carry no `step` (KeyError 'step').
+    The step it set (one tensor, the checkpoint's) is handed back for that key, so the copy is a no-op; after
+    the load each parameter gets its own copy of it (torch Adam increments every parameter's `step` in place:
+    one shared tensor would advance once per parameter per step and skew the bias correction)."""
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        if original is None or not isinstance(getattr(opt, "optimizer", None), torch.optim.Adam):
+            continue
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                step = next((s["step"] for s in opt.optimizer.state.values() if "step" in s), None)
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+            for state in opt.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
 
 
 def unwrap(module):

@@ -10,6 +10,7 @@ so packing, DP and PP leave it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -273,12 +274,13 @@ class SupervisedTrainer:
         """The trainable weights (LoRA: the adapters; full SFT: the whole model, keys under `model.`) and the
         optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
         from nemotune.recipes.engine.checkpointing import (adapter_sharded_state_dict, model_sharded_state_dict,
-                                                           sharding_metadata)
+                                                           optimizer_state_to_load_into, sharding_metadata)
 
         sharded = model_sharded_state_dict(self.model) if self.full_parameter else \
             adapter_sharded_state_dict(self.model)
-        return {"model": sharded, "optimizer": self.optimizer.sharded_state_dict(
-            sharded, is_loading=is_loading, metadata=sharding_metadata())}
+        with optimizer_state_to_load_into(self.optimizer) if is_loading else contextlib.nullcontext():
+            optimizer = self.optimizer.sharded_state_dict(sharded, is_loading=is_loading, metadata=sharding_metadata())
+        return {"model": sharded, "optimizer": optimizer}
 
     def consolidated_adapter(self) -> dict:
         """The whole adapter in the TP=1 layout (collective: every rank calls it). LoRA only."""
@@ -287,7 +289,7 @@ class SupervisedTrainer:
         return lora.gather_adapter(self.model)
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        from nemotune.recipes.engine.checkpointing import MODEL_PREFIX, unwrap
+        from nemotune.recipes.engine.checkpointing import MODEL_PREFIX, torch_adam_step_tolerated, unwrap
 
         if self.full_parameter:
             weights = {key[len(MODEL_PREFIX):]: value for key, value in state["model"].items()}
@@ -299,7 +301,8 @@ class SupervisedTrainer:
         else:
             for chunk in self.model:
                 chunk.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        with torch_adam_step_tolerated(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         # the optimizer's saved param groups carry the lr of the saved schedule: apply this config's schedule
         self.scheduler.step(increment=0)
 
