@@ -326,6 +326,10 @@ class SupervisedTrainer:
                                    packed_seq_params=batches.packed_seq_params(batch, device))
         else:
             attention_mask = batches.DocumentMask(batch["document_lengths"], tokens.shape[1])
+            if self.cfg.trainer.recompute != "none":  # recompute saves its inputs for backward: tensors only
+                from nemotune.recipes.engine.model import spans_tensor
+
+                attention_mask = spans_tensor(attention_mask).to(device)
             with RotaryPositions(model, position_ids):
                 per_token_loss = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=weights)
         return per_token_loss, partial(_answer_token_loss, weights)

@@ -29,6 +29,8 @@ LAYOUTS = {
     "tp2": ["parallel=tp2"],
     "tp2_sp": ["parallel=tp2_sp"],
     "pp2": ["parallel=pp2"],
+    "tp2_sp_recompute_full": ["parallel=tp2_sp", "trainer.recompute=full"],
+    "dp2_recompute_selective": ["parallel=single", "trainer.recompute=selective"],
 }
 
 
