@@ -73,6 +73,30 @@ def tp2_resumed_at_tp1() -> dict:
     return steps_of(resumed) if distributed.is_rank_zero() else None
 
 
+def optimizer_state_bytes() -> dict:
+    """Bytes of optimizer state (Adam's exp_avg + exp_avg_sq, fp32) each rank holds at DP=2, with and without
+    the distributed optimizer, and the model's parameter count. (The checkpoint's fully reshardable format is
+    written by DP rank 0 alone, so its files cannot show the per-rank split; the live state does.)"""
+    from nemotune.recipes.engine.builders import build_model, init_from_config, wrap_for_training
+    from nemotune.recipes.engine.checkpointing import optimizer_state_to_load_into
+
+    out = {}
+    for name in ("dp2", "dp2_distopt"):
+        cfg = config(name, ROOT / "state_bytes")
+        init_from_config(cfg)
+        model = build_model(cfg, hf_config_of(cfg))
+        _, optimizer = wrap_for_training(cfg, model)
+        with optimizer_state_to_load_into(optimizer):  # allocates the state a first step would
+            inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]]
+            size = sum(t.numel() * t.element_size() for opt in inner for state in opt.state.values()
+                       for key, t in state.items() if key != "step")
+        gathered = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, size)
+        out[name] = gathered
+        out["parameters"] = sum(p.numel() for p in model.parameters())
+    return out
+
+
 def mixed_two_stage() -> dict:
     """Stage 1 full SFT, stage 2 LoRA from stage 1's last step dir (model.checkpoint, through
     open_megatron_checkpoint): stage 2's first loss is stage 1's model on that batch (LoRA B starts at 0)."""
@@ -110,6 +134,7 @@ def main():
         train(config(name, ROOT / name))
         if distributed.is_rank_zero():
             results["layouts"][name] = steps_of(ROOT / name)
+    results["optimizer_state_bytes"] = optimizer_state_bytes()
     results["stopped_and_rerun"] = stopped_and_rerun()
     results["tp2_resumed_at_tp1"] = tp2_resumed_at_tp1()
     results["mixed_two_stage"] = mixed_two_stage()
