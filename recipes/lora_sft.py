@@ -106,16 +106,17 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
         train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
         val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
         plan = step_plan(cfg, len(train_samples))
-        # 3. model: LoRA adapters trainable on the frozen base weights, or (peft=none) every weight
         lora = cfg.peft.peft_scheme == "lora"
-        model = build_model(cfg, hf)
-        # 4. DDP, optimizer, LR schedule over the planned steps
-        model_chunks, optimizer = wrap_for_training(cfg, model)
         checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf) if lora else None,
                                     base_reference=base_reference(cfg, run_dir), save_top_k=cfg.trainer.save_top_k,
                                     resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from,
                                     peft_scheme=cfg.peft.peft_scheme, hf_config=hf, hf_path=cfg.model.hf_path,
                                     tokenizer=tokenizer)
+        checkpointer.check_resumable()  # a LoRA run dir continued as full SFT (or the reverse): refused now
+        # 3. model: LoRA adapters trainable on the frozen base weights, or (peft=none) every weight
+        model = build_model(cfg, hf)
+        # 4. DDP, optimizer, LR schedule over the planned steps
+        model_chunks, optimizer = wrap_for_training(cfg, model)
         preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
         trainer = SupervisedTrainer(
             cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, plan.max_steps),

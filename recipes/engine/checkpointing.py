@@ -299,6 +299,14 @@ class Checkpointer:
             return checkpoints[-2]
         return checkpoints[-1] if checkpoints else None
 
+    def check_resumable(self) -> None:
+        """Refuse, before any model is built, a run dir whose checkpoint is of the other peft scheme."""
+        checkpoints = complete_checkpoints(self.root) if self.resume else []
+        previous = self.resume_from == "previous"
+        if len(checkpoints) > int(previous):  # the one latest() picks (it says the rest)
+            ckpt = checkpoints[-2] if previous else checkpoints[-1]
+            self._check_peft_scheme(ckpt, read_state(ckpt))
+
     def load_latest(self, trainer) -> Optional[Path]:
         ckpt = self.latest()
         if ckpt is None:
