@@ -372,7 +372,10 @@ class SupervisedTrainer:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         doc_lengths = [l for mb in micro_batches for row in mb["document_lengths"] for l in row]
-        local = torch.tensor([sum(doc_lengths), flops.lora_step_flops(self.hf_config, doc_lengths)],
+        step_flops = flops.lora_step_flops(self.hf_config, doc_lengths)
+        if self.full_parameter:  # + the weight gradients LoRA's frozen base skips: 6N per token in all
+            step_flops += flops.dense_forward_flops_per_token(self.hf_config) * sum(doc_lengths)
+        local = torch.tensor([sum(doc_lengths), step_flops],
                              dtype=torch.float64, device=distributed.device())
         # each DP replica's tokens once: reduce over the data-parallel group only
         from megatron.core import parallel_state
