@@ -73,10 +73,12 @@ def optimizer_state_to_load_into(optimizer):
     megatron's distributed optimizer (without Apex / TE's fused Adam) reads torch Adam's per-parameter `step`
     while it describes its state, which exists only after a first step, and then loads every tensor of the
     state but `step` (set from the checkpoint's own): a `step` is lent for the block and removed after it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     lent = []
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
-        if inner is None or init is None:
+        if not isinstance(opt, DistributedOptimizer) or inner is None or init is None:
             continue
         params = [p for group in inner.param_groups for p in group["params"]]
         if any(len(inner.state[p]) for p in params):
@@ -102,9 +104,12 @@ def torch_adam_step_tolerated(optimizer):
     The step it set (one tensor, the checkpoint's) is handed back for that key, so the copy is a no-op; after
     the load each parameter gets its own copy of it (torch Adam increments every parameter's `step` in place:
     one shared tensor would advance once per parameter per step and skew the bias correction)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
     patched = []
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        original = getattr(opt, "_set_main_param_and_optimizer_states", None)
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None) \
+            if isinstance(opt, DistributedOptimizer) else None
         if original is None or not isinstance(getattr(opt, "optimizer", None), torch.optim.Adam):
             continue
 
