@@ -90,7 +90,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path):
 
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
-    from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints
+    from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints, refuse_other_peft_scheme
     from nemotune.recipes.engine.model import te_available
     from nemotune.recipes.engine.preemption import PreemptionHandler
     from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
@@ -106,17 +106,19 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
         train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
         val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
         plan = step_plan(cfg, len(train_samples))
+        # a LoRA run dir continued as full SFT (or the reverse) is refused before anything is built
+        refuse_other_peft_scheme(run_dir / "checkpoints", peft_scheme=cfg.peft.peft_scheme,
+                                 resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from)
+        # 3. model: LoRA adapters trainable on the frozen base weights, or (peft=none) every weight
         lora = cfg.peft.peft_scheme == "lora"
+        model = build_model(cfg, hf)
+        # 4. DDP, optimizer, LR schedule over the planned steps
+        model_chunks, optimizer = wrap_for_training(cfg, model)
         checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf) if lora else None,
                                     base_reference=base_reference(cfg, run_dir), save_top_k=cfg.trainer.save_top_k,
                                     resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from,
                                     peft_scheme=cfg.peft.peft_scheme, hf_config=hf, hf_path=cfg.model.hf_path,
                                     tokenizer=tokenizer)
-        checkpointer.check_resumable()  # a LoRA run dir continued as full SFT (or the reverse): refused now
-        # 3. model: LoRA adapters trainable on the frozen base weights, or (peft=none) every weight
-        model = build_model(cfg, hf)
-        # 4. DDP, optimizer, LR schedule over the planned steps
-        model_chunks, optimizer = wrap_for_training(cfg, model)
         preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
         trainer = SupervisedTrainer(
             cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, plan.max_steps),

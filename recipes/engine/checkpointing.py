@@ -191,6 +191,28 @@ def read_state(ckpt: Path) -> dict:
                               f"to start a new run") from None
 
 
+def check_peft_scheme(ckpt: Path, payload: dict, peft_scheme: str) -> None:
+    """A LoRA checkpoint holds adapters only, a full-SFT one the whole model: neither resumes as the other."""
+    saved = payload.get("peft_scheme") or "lora"  # checkpoints written before full SFT existed are LoRA
+    if saved == peft_scheme:
+        return
+    what = {"lora": "a LoRA (adapter-only)", "none": "a full-parameter SFT"}
+    raise CheckpointError(
+        f"{ckpt} is {what.get(saved, saved)} checkpoint (peft_scheme {saved}) and this run has "
+        f"peft.peft_scheme={peft_scheme}; resume it with peft={saved}, or set run.output_dir=<new dir> "
+        f"to start a new run" + (" (a full-SFT step dir can be its model.checkpoint)" if saved == "none" else ""))
+
+
+def refuse_other_peft_scheme(root: Path, *, peft_scheme: str, resume: bool, resume_from: str) -> None:
+    """Before any model is built or base hashed: the checkpoint a resume would start from is of this peft
+    scheme (the rest of it is checked when it loads)."""
+    checkpoints = complete_checkpoints(Path(root)) if resume else []
+    previous = resume_from == "previous"
+    if len(checkpoints) > int(previous):  # the one Checkpointer.latest() picks (it refuses the other cases)
+        ckpt = checkpoints[-2] if previous else checkpoints[-1]
+        check_peft_scheme(ckpt, read_state(ckpt), peft_scheme)
+
+
 class Checkpointer:
     def __init__(self, root: Path, *, adapter_config: Optional[dict], base_reference: dict, save_top_k: int,
                  resume: bool, resume_from: str = "latest", peft_scheme: str = "lora",
@@ -304,14 +326,6 @@ class Checkpointer:
             return checkpoints[-2]
         return checkpoints[-1] if checkpoints else None
 
-    def check_resumable(self) -> None:
-        """Refuse, before any model is built, a run dir whose checkpoint is of the other peft scheme."""
-        checkpoints = complete_checkpoints(self.root) if self.resume else []
-        previous = self.resume_from == "previous"
-        if len(checkpoints) > int(previous):  # the one latest() picks (it says the rest)
-            ckpt = checkpoints[-2] if previous else checkpoints[-1]
-            self._check_peft_scheme(ckpt, read_state(ckpt))
-
     def load_latest(self, trainer) -> Optional[Path]:
         ckpt = self.latest()
         if ckpt is None:
@@ -353,15 +367,7 @@ class Checkpointer:
 
 
     def _check_peft_scheme(self, ckpt: Path, payload: dict) -> None:
-        """A LoRA checkpoint holds adapters only, a full-SFT one the whole model: neither resumes as the other."""
-        saved = payload.get("peft_scheme") or "lora"  # checkpoints written before full SFT existed are LoRA
-        if saved == self.peft_scheme:
-            return
-        what = {"lora": "a LoRA (adapter-only)", "none": "a full-parameter SFT"}
-        raise CheckpointError(
-            f"{ckpt} is {what.get(saved, saved)} checkpoint (peft_scheme {saved}) and this run has "
-            f"peft.peft_scheme={self.peft_scheme}; resume it with peft={saved}, or set run.output_dir=<new dir> "
-            f"to start a new run" + (" (a full-SFT step dir can be its model.checkpoint)" if saved == "none" else ""))
+        check_peft_scheme(ckpt, payload, self.peft_scheme)
 
     @staticmethod
     def _check_shard_sizes(ckpt: Path, recorded: dict) -> None:
