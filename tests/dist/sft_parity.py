@@ -78,7 +78,6 @@ def optimizer_state_bytes() -> dict:
     the distributed optimizer, and the model's parameter count. (The checkpoint's fully reshardable format is
     written by DP rank 0 alone, so its files cannot show the per-rank split; the live state does.)"""
     from nemotune.recipes.engine.builders import build_model, init_from_config, wrap_for_training
-    from nemotune.recipes.engine.checkpointing import optimizer_state_to_load_into
 
     out = {}
     for name in ("dp2", "dp2_distopt"):
@@ -86,10 +85,11 @@ def optimizer_state_bytes() -> dict:
         init_from_config(cfg)
         model = build_model(cfg, hf_config_of(cfg))
         _, optimizer = wrap_for_training(cfg, model)
-        with optimizer_state_to_load_into(optimizer):  # allocates the state a first step would
-            inner = [opt.optimizer for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]]
-            size = sum(t.numel() * t.element_size() for opt in inner for state in opt.state.values()
-                       for key, t in state.items() if key != "step")
+        size = 0
+        for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+            opt.init_state_fn(opt.optimizer)  # allocates the state a first step would (megatron's own hook)
+            size += sum(t.numel() * t.element_size() for state in opt.optimizer.state.values()
+                        for key, t in state.items() if key != "step")
         gathered = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(gathered, size)
         out[name] = gathered
