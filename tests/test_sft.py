@@ -152,3 +152,17 @@ def test_a_lora_step_dir_is_refused_as_a_model_in_one_line(sft):
             pass
     message = str(err.value)
     assert "\n" not in message and "adapter-only checkpoint" in message and "nemotune export hf-peft/merge" in message
+
+
+def test_stages_may_go_from_full_sft_to_lora_but_not_back():
+    from nemotune.recipes.engine.config import ConfigError, compose
+    from nemotune.recipes.two_stage import stage_configs
+
+    cfg = compose("lora_sft", ["experiment=tiny_sft_two_stage"])
+    assert [c.peft.peft_scheme for _, c in stage_configs(cfg)] == ["none", "lora"]
+    cfg.stages[0].overrides["peft.peft_scheme"] = "lora"
+    cfg.stages[1].overrides["peft.peft_scheme"] = "none"
+    with pytest.raises(ConfigError) as err:
+        stage_configs(cfg)
+    assert "stages[stage2]" in str(err.value) and "nemotune export merge" in str(err.value)
+    assert "\n" not in str(err.value)
