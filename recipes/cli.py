@@ -14,7 +14,7 @@ VERBS = {
     "prep": ("nemotune.data_prep", "dataset -> chat JSONL -> templated tokens + answer-only masks -> packed sequences"),
     "convert": ("nemotune.converters.convert", "HF <-> Megatron checkpoint <-> .nemo, and verify logits"),
     "export": ("nemotune.converters.export", "LoRA adapter -> HF PEFT / NeMo .nemo / merged; full model -> HF / .nemo"),
-    "train": ("nemotune.recipes.lora_sft", "LoRA SFT on megatron-core (single or multi-stage)"),
+    "train": ("nemotune.recipes.lora_sft", "LoRA or full-parameter SFT on megatron-core (single or multi-stage)"),
     "eval": ("nemotune.recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
     "launch": ("nemotune.recipes.launch", "run training with torchrun locally or submit it to Slurm"),
     "plan": ("nemotune.recipes.plan", "per-GPU memory by part and step time of a config; layouts that fit N GPUs"),

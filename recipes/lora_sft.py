@@ -1,10 +1,10 @@
-"""LoRA supervised fine-tuning on megatron-core: the recipe, top to bottom.
+"""Supervised fine-tuning on megatron-core (LoRA, or every weight with peft=none): the recipe, top to bottom.
 
     nemotune train experiment=<name> key=value ...      (or: python -m nemotune.recipes.lora_sft ...)
     torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
 
-validate config -> init distributed -> tokenizer -> prepared data -> model (+ base weights) -> LoRA ->
-DDP + optimizer + LR schedule -> SupervisedTrainer.fit() -> consolidated adapter -> cleanup.
+validate config -> init distributed -> tokenizer -> prepared data -> model (+ base weights) -> LoRA (peft=lora)
+-> DDP + optimizer + LR schedule -> SupervisedTrainer.fit() -> checkpoints (adapter or whole model) -> cleanup.
 A config with `stages` (conf/experiment/*two_stage*.yaml) runs each stage in turn (recipes/two_stage.py).
 """
 
@@ -19,17 +19,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.builders import (adapter_config, build_lora_model, build_scheduler, data_fingerprint,
+from nemotune.recipes.engine.builders import (adapter_config, build_model, build_scheduler, data_fingerprint,
                                               init_from_config, load_samples, model_tokenizer, pad_id_of,
                                               seq_length, wrap_for_training)
-from nemotune.recipes.engine.config import ConfigError, compose, hf_config_of, prepared_data_problems, validate
+from nemotune.recipes.engine.config import (ConfigError, compose, distributed_optimizer, hf_config_of,
+                                            prepared_data_problems, validate)
 
 HELP = """usage: nemotune train [experiment=<name>] [key=value ...]
 
-Fine-tune a Megatron GPT model with LoRA on data prepared by `nemotune prep`.
+Fine-tune a Megatron GPT model on data prepared by `nemotune prep`: LoRA adapters (peft=lora, the
+default) or every weight (peft=none: full-parameter SFT, the distributed optimizer on by default).
 Config: conf/lora_sft.yaml composes the groups model/ data/ peft/ parallel/ trainer/ cluster/;
 experiment=<name> applies conf/experiment/<name>.yaml. Any key can be overridden, e.g.
   trainer.optim.lr=5e-5 trainer.sft.max_steps=100 peft.lora.dim=8 parallel=tp2
+  peft=none trainer.recompute=selective parallel.use_distributed_optimizer=false
 Multi-process: torchrun --nproc_per_node 2 -m nemotune.recipes.lora_sft parallel=tp2 ...
                 or nemotune launch ... (local torchrun or Slurm).
 Resume: rerunning into the same run.output_dir continues from its latest complete checkpoint; a changed
@@ -87,7 +90,7 @@ def prepare_run_dir(cfg: DictConfig, run_dir: Path):
 
 def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft",
           step_offset: int = 0) -> TrainResult:
-    from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints
+    from nemotune.recipes.engine.checkpointing import Checkpointer, complete_checkpoints, refuse_other_peft_scheme
     from nemotune.recipes.engine.model import te_available
     from nemotune.recipes.engine.preemption import PreemptionHandler
     from nemotune.recipes.engine.trainer import SupervisedTrainer, step_plan
@@ -103,13 +106,19 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
         train_samples = load_samples(cfg, cfg.trainer.train_split, tokenizer)
         val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
         plan = step_plan(cfg, len(train_samples))
-        # 3. model: base weights frozen, LoRA adapters trainable
-        model = build_lora_model(cfg, hf)
+        # a LoRA run dir continued as full SFT (or the reverse) is refused before anything is built
+        refuse_other_peft_scheme(run_dir / "checkpoints", peft_scheme=cfg.peft.peft_scheme,
+                                 resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from)
+        # 3. model: LoRA adapters trainable on the frozen base weights, or (peft=none) every weight
+        lora = cfg.peft.peft_scheme == "lora"
+        model = build_model(cfg, hf)
         # 4. DDP, optimizer, LR schedule over the planned steps
         model_chunks, optimizer = wrap_for_training(cfg, model)
-        checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf),
+        checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf) if lora else None,
                                     base_reference=base_reference(cfg, run_dir), save_top_k=cfg.trainer.save_top_k,
-                                    resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from)
+                                    resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from,
+                                    peft_scheme=cfg.peft.peft_scheme, hf_config=hf, hf_path=cfg.model.hf_path,
+                                    tokenizer=tokenizer)
         preemption = PreemptionHandler()  # Slurm's pre-timeout USR1 / preemption TERM: save, requeue, exit 0
         trainer = SupervisedTrainer(
             cfg=cfg, model=model_chunks, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, plan.max_steps),
@@ -124,15 +133,20 @@ def train(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "sft"
             f"[{stage}] {len(train_samples)} train / {len(val_samples)} validation samples, "
             f"{trainer.max_steps} steps of {cfg.trainer.global_batch_size} "
             f"({trainer.num_microbatches} micro-batches x {trainer.dp_size} data-parallel), run dir {run_dir}")
+        distributed.print_rank_zero(
+            f"[{stage}] {'LoRA' if lora else 'full-parameter SFT (peft=none)'}, distributed optimizer "
+            f"{'on' if distributed_optimizer(cfg) else 'off'}, recompute {cfg.trainer.recompute}, "
+            f"params {str(model.config.params_dtype).replace('torch.', '')}"
+            f"{' with fp32 main weights and grads' if model.config.bf16 else ''}")
         # 5. train
         state = trainer.fit()
     finally:
         if lock is not None:
             lock.release()
-    # 6. the last checkpoint holds the consolidated adapter that `nemotune export` reads
+    # 6. the last checkpoint holds what `nemotune export` reads: the consolidated adapter, or the whole model
     done = complete_checkpoints(run_dir / "checkpoints")
     last = done[-1] if done else None
-    return TrainResult(run_dir=run_dir, checkpoint=last, adapter_dir=(last / "adapter") if last else None,
+    return TrainResult(run_dir=run_dir, checkpoint=last, adapter_dir=(last / "adapter") if last and lora else None,
                        steps=state.step, finished=trainer.finished, last_val_loss=state.last_val_loss)
 
 

@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilization (default 0.4)")
     p.add_argument("--gpu-type", default="H100", help="device for the peak FLOP/s: one of "
                    "nemotune.recipes.engine.flops.PEAK_BF16_TFLOPS (default H100)")
-    p.add_argument("--recompute", default="none", choices=["none", "selective", "full"])
+    p.add_argument("--recompute", default=None, choices=["none", "selective", "full"],
+                   help="activation recompute (default: the config's trainer.recompute)")
     p.add_argument("--device", default="gpu", choices=["gpu", "cpu"],
                    help="gpu (bf16, CUDA runtime) or cpu (fp32, the process's RSS)")
     p.add_argument("--doc-tokens", type=int, help="tokens per document inside a sequence, for the attention FLOPs "
@@ -97,7 +98,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if not 0 < args.mfu <= 1:
             raise ValueError(f"--mfu={args.mfu}: a fraction in (0, 1], e.g. 0.4")
         cfg = _compose(args.overrides)
-        extra = dict(recompute=args.recompute, mfu=args.mfu, document_tokens=args.doc_tokens)
+        extra = dict(mfu=args.mfu, document_tokens=args.doc_tokens)
+        if args.recompute:  # else the config's trainer.recompute
+            extra["recompute"] = args.recompute
         if args.chunked_loss is not None:
             extra["chunked_loss"] = args.chunked_loss
         if args.loss_chunk_tokens:

@@ -1,8 +1,11 @@
-"""Two-stage (multi-stage) LoRA SFT: each stage its own data / lr / epochs; stage N+1 starts from stage N's
-final adapter. One command runs them all and leaves every stage's adapter:
+"""Two-stage (multi-stage) SFT: each stage its own data / lr / epochs / peft scheme. Stage N+1 starts where
+stage N ended: from its final adapter (LoRA after LoRA), or from its final model (after a full-SFT stage,
+peft.peft_scheme=none: stage N's last step dir becomes stage N+1's model.checkpoint, LoRA or full). One
+command runs them all and leaves every stage's checkpoints:
 
-    nemotune train experiment=tiny_two_stage
-    <run.output_dir>/<stage name>/checkpoints/step*/adapter
+    nemotune train experiment=tiny_two_stage          (LoRA, LoRA)
+    nemotune train experiment=tiny_sft_two_stage      (full SFT, then LoRA on its model)
+    <run.output_dir>/<stage name>/checkpoints/step*/{adapter,dist,hf}
 
 Stages are dotted-key overrides on the root config (`stages: [{name, overrides}]`); the metrics of all
 stages share one time axis through `global_step`.
@@ -17,7 +20,7 @@ from typing import List
 from omegaconf import DictConfig
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.config import apply_overrides, validate
+from nemotune.recipes.engine.config import ConfigError, apply_overrides, validate
 
 
 def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
@@ -27,8 +30,23 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
         stage_cfg = apply_overrides(cfg, dict(stage.overrides))
         stage_cfg.stages = []
         validate(stage_cfg)
+        if out and out[-1][1].peft.peft_scheme == "lora" and stage_cfg.peft.peft_scheme == "none":
+            raise ConfigError([f"stages[{stage.name}]: full SFT (peft.peft_scheme=none) cannot continue from the "
+                               f"LoRA stage {out[-1][0]} (an adapter is no model); merge its adapter first "
+                               f"(`nemotune export merge`) and run this stage on the merged model, or make it LoRA"])
         out.append((stage.name, stage_cfg))
     return out
+
+
+def continue_from(stage_cfg: DictConfig, previous: Path, previous_scheme: str) -> str:
+    """Point a stage at where the previous one ended (its last step dir): LoRA after LoRA restores the adapter,
+    anything after full SFT starts from that step dir's model. Returns what it starts from, for the banner."""
+    if previous_scheme == "none":
+        stage_cfg.model.checkpoint = str(previous)
+        return f"the model of {previous}"
+    if not stage_cfg.peft.restore_from:
+        stage_cfg.peft.restore_from = str(previous / "adapter")
+    return str(stage_cfg.peft.restore_from)
 
 
 def run_stages(cfg: DictConfig) -> list:
@@ -37,30 +55,33 @@ def run_stages(cfg: DictConfig) -> list:
     from nemotune.recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
-    results, summary, previous_adapter, step_offset = [], [], None, 0
+    results, summary, previous, previous_scheme, step_offset = [], [], None, "lora", 0
     for name, stage_cfg in stage_configs(cfg):
         stage_dir = root / name
         if cfg.run.stage is not None and name != cfg.run.stage:
             done = complete_checkpoints(stage_dir / "checkpoints")
-            if done:  # an earlier stage that ran in its own job: continue from its adapter on disk
-                previous_adapter = done[-1] / "adapter"
+            if done:  # an earlier stage that ran in its own job: continue from its checkpoint on disk
+                previous, previous_scheme = done[-1], stage_cfg.peft.peft_scheme
                 step_offset += read_state(done[-1])["step"]
             continue
-        if previous_adapter is not None and not stage_cfg.peft.restore_from:
-            stage_cfg.peft.restore_from = str(previous_adapter)
-        distributed.print_rank_zero(f"==== stage {name}: lr {stage_cfg.trainer.optim.lr}, "
-                                    f"{stage_cfg.trainer.sft.max_epochs} epoch(s), "
+        start = continue_from(stage_cfg, previous, previous_scheme) if previous is not None else None
+        lora = stage_cfg.peft.peft_scheme == "lora"
+        fresh = "a fresh adapter" if lora else f"model.checkpoint={stage_cfg.model.checkpoint}"
+        distributed.print_rank_zero(f"==== stage {name}: {'LoRA' if lora else 'full SFT'}, "
+                                    f"lr {stage_cfg.trainer.optim.lr}, {stage_cfg.trainer.sft.max_epochs} epoch(s), "
                                     f"train split {stage_cfg.trainer.train_split}, "
-                                    f"starts from {stage_cfg.peft.restore_from or 'a fresh adapter'}")
+                                    f"starts from {start or stage_cfg.peft.restore_from or fresh}")
         result = train(stage_cfg, run_dir=stage_dir, stage=name, step_offset=step_offset)
         results.append(result)
         if not result.finished:
             distributed.print_rank_zero(f"stage {name} stopped early at step {result.steps}; rerun the same "
                                         "command to resume")
             return results
-        summary.append({"stage": name, "adapter": str(result.adapter_dir), "steps": result.steps,
+        summary.append({"stage": name, "peft_scheme": stage_cfg.peft.peft_scheme,
+                        "adapter": str(result.adapter_dir) if result.adapter_dir else None,
+                        "checkpoint": str(result.checkpoint), "steps": result.steps,
                         "val_loss": result.last_val_loss, "global_step_offset": step_offset})
-        previous_adapter = result.adapter_dir
+        previous, previous_scheme = result.checkpoint, stage_cfg.peft.peft_scheme
         step_offset += result.steps
     if distributed.is_rank_zero() and cfg.run.stage is None:
         (root / "stages.json").write_text(json.dumps(summary, indent=2))

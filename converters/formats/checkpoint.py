@@ -301,8 +301,8 @@ def load_dist_checkpoint(model, ckpt_dir: Path, *, prefix: str = "") -> None:
                               f"{absent[:3]}; was it converted from a model of this shape?")
     _merge_factories_in_place(sharded)
     loaded = dist_checkpointing.load(sharded, str(ckpt_dir), strict="log_unexpected")
-    if prefix:
-        loaded = {k[len(prefix):]: v for k, v in loaded.items()}
+    if prefix:  # a training step dir's common state (optimizer param groups) comes back too: not the model's
+        loaded = {k[len(prefix):]: v for k, v in loaded.items() if k.startswith(prefix)}
     missing, unexpected = model.load_state_dict(loaded, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:
@@ -470,8 +470,14 @@ def read_nemo_config(root: Path) -> dict:
 @contextlib.contextmanager
 def open_megatron_checkpoint(path: str | Path) -> Iterator[tuple[dict, Path, str, Path | None]]:
     """(hf config, dist-checkpoint dir, key prefix, dir with config/tokenizer files or None) of a
-    Megatron checkpoint dir or a ``.nemo`` (extracted safely to a temporary dir for the block)."""
+    Megatron checkpoint dir, a ``.nemo`` (extracted safely to a temporary dir for the block) or a full-SFT
+    training step dir (``<run>/checkpoints/stepN``: ``dist/`` with keys under ``model.``, ``hf/``)."""
     path = Path(path)
+    if path.is_dir() and (path / TRAINING_STATE).is_file():
+        _check_training_step(path)
+        check_checkpoint_files(path / "dist")
+        yield load_hf_config(path / "hf"), path / "dist", TRAINING_PREFIX, path / "hf"
+        return
     if path.is_dir() and (path / "weights").is_dir():
         check_checkpoint_files(path / "weights")
         yield load_hf_config(path), path / "weights", "", path
@@ -494,6 +500,25 @@ def open_megatron_checkpoint(path: str | Path) -> Iterator[tuple[dict, Path, str
         raise ConversionError(f"{path}: no such file or directory; pass a Megatron checkpoint dir "
                               "(nemotune convert hf-to-megatron) or a .nemo file")
     raise ConversionError(f"{path}: neither a Megatron checkpoint dir (with weights/) nor a .nemo file")
+
+
+TRAINING_STATE = "trainer_state.json"  # a training step dir (recipes/engine/checkpointing.py writes it)
+TRAINING_PREFIX = "model."  # the key prefix of a full-SFT step dir's model tensors
+
+
+def _check_training_step(path: Path) -> None:
+    """A training step dir loads as a model only when it holds the whole model (full SFT, peft_scheme none)."""
+    try:
+        scheme = json.loads((path / TRAINING_STATE).read_text()).get("peft_scheme") or "lora"
+    except (OSError, ValueError, AttributeError) as err:
+        raise ConversionError(f"{path / TRAINING_STATE}: unreadable ({err}); pass another step dir") from None
+    if scheme != "none" or (path / "adapter").is_dir():
+        raise ConversionError(f"{path}: an adapter-only checkpoint (LoRA training, peft_scheme {scheme}) holds no "
+                              f"base weights; use `nemotune export hf-peft/merge --adapter {path / 'adapter'}` "
+                              f"with its base, or pass a full-SFT (peft=none) step dir or a converted checkpoint")
+    if not (path / "dist").is_dir() or not (path / "hf" / "config.json").is_file():
+        raise ConversionError(f"{path}: a full-SFT step dir without dist/ and hf/config.json (incomplete or "
+                              f"damaged); pass another step dir")
 
 
 def _check_nemo_root(root: Path, source: Path) -> None:

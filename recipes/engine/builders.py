@@ -16,7 +16,7 @@ import torch
 from omegaconf import DictConfig
 
 from nemotune.recipes.engine import batches, distributed
-from nemotune.recipes.engine.config import LoraConfig
+from nemotune.recipes.engine.config import LoraConfig, distributed_optimizer
 
 
 def prepared_split_path(cfg: DictConfig, split: str) -> Path:
@@ -139,20 +139,43 @@ def check_base_shapes(model, cfg: DictConfig) -> None:
                 f"(`nemotune convert hf-to-megatron --hf {ours}`) or point model.hf_path at the checkpoint's model")
 
 
-def build_lora_model(cfg: DictConfig, hf: dict):
-    """GPTModel for this pipeline stage, base weights loaded and frozen, LoRA applied (and restored)."""
+def recompute_overrides(recompute: str) -> dict:
+    """TransformerConfig fields for `trainer.recompute`: selective recomputes core attention (megatron's
+    default recompute_modules); full recomputes every layer from its input, one layer per group."""
+    if recompute == "selective":
+        return {"recompute_granularity": "selective"}
+    if recompute == "full":
+        return {"recompute_granularity": "full", "recompute_method": "uniform", "recompute_num_layers": 1}
+    return {}
+
+
+def build_model(cfg: DictConfig, hf: dict):
+    """GPTModel for this pipeline stage with the base weights loaded. peft.peft_scheme=lora freezes them and
+    applies (and restores) LoRA; none leaves every weight trainable (full-parameter SFT)."""
     from nemotune.converters.formats.checkpoint import load_megatron_weights
-    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state, print_trainable
+    from nemotune.recipes.engine.lora import print_trainable
     from nemotune.recipes.engine.model import build_gpt_model
 
     precision = cfg.trainer.precision
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
     model = build_gpt_model(hf, params_dtype=params_dtype,
                             sequence_parallel=cfg.parallel.sequence_parallel,
-                            calculate_per_token_loss=True)
+                            calculate_per_token_loss=True, **recompute_overrides(cfg.trainer.recompute))
     if cfg.model.checkpoint:
         check_base_shapes(model, cfg)
         load_megatron_weights(model, cfg.model.checkpoint)
+    if cfg.peft.peft_scheme == "lora":
+        _apply_lora(model, cfg, hf)
+    print_trainable(model)
+    return model
+
+
+build_lora_model = build_model  # the name evaluation and the benches call it by
+
+
+def _apply_lora(model, cfg: DictConfig, hf: dict) -> None:
+    from nemotune.recipes.engine.lora import apply_lora, load_adapter_state
+
     lora = LoraConfig.of(cfg.peft.lora)
     apply_lora(model, lora, seed=cfg.run.seed)
     if cfg.peft.restore_from:
@@ -160,8 +183,6 @@ def build_lora_model(cfg: DictConfig, hf: dict):
 
         state, _ = load_adapter(restore_dir(cfg.peft.restore_from), variant=lora.variant, base_config=hf)
         load_adapter_state(model, state)
-    print_trainable(model)
-    return model
 
 
 def build_base_model(cfg: DictConfig, hf: dict):
@@ -190,7 +211,8 @@ def restore_dir(path: str) -> Path:
 
 
 def wrap_for_training(cfg: DictConfig, model):
-    """megatron DDP (adapters only in grad buckets), its optimizer and a cosine schedule with warmup."""
+    """megatron DDP (the trainable weights only in grad buckets: adapters for LoRA, all for full SFT) and its
+    optimizer (distributed over data parallel per `distributed_optimizer(cfg)`)."""
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.optimizer import get_megatron_optimizer
@@ -200,7 +222,7 @@ def wrap_for_training(cfg: DictConfig, model):
         config=config, module=model,
         ddp_config=DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-            use_distributed_optimizer=cfg.parallel.use_distributed_optimizer))
+            use_distributed_optimizer=distributed_optimizer(cfg)))
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = ddp.no_sync
     optimizer = get_megatron_optimizer(optimizer_config(cfg, config), [ddp])
@@ -208,7 +230,8 @@ def wrap_for_training(cfg: DictConfig, model):
 
 
 def optimizer_config(cfg: DictConfig, model_config):
-    """megatron-core's OptimizerConfig for `trainer.optim` (name: adamw, adam or sgd; validate() refuses others)."""
+    """megatron-core's OptimizerConfig for `trainer.optim` (name: adamw, adam or sgd; validate() refuses others).
+    bf16 parameters (GPU) train through fp32 main weights and fp32 grads (bf16=True); fp32 ones directly."""
     from megatron.core.optimizer import OptimizerConfig
 
     optim = cfg.trainer.optim
@@ -218,7 +241,7 @@ def optimizer_config(cfg: DictConfig, model_config):
                            adam_beta1=optim.betas[0], adam_beta2=optim.betas[1], adam_eps=optim.eps,
                            clip_grad=cfg.trainer.sft.gradient_clip_val, bf16=model_config.bf16,
                            params_dtype=model_config.params_dtype,
-                           use_distributed_optimizer=cfg.parallel.use_distributed_optimizer)
+                           use_distributed_optimizer=distributed_optimizer(cfg))
 
 
 def build_scheduler(cfg: DictConfig, optimizer, max_steps: int):

@@ -1,11 +1,16 @@
-"""Training checkpoints: adapters + optimizer through megatron-core dist_checkpointing, plus trainer state.
+"""Training checkpoints: trainable weights + optimizer through megatron-core dist_checkpointing, plus trainer state.
 
 <run_dir>/checkpoints/step0000042/
-  dist/                  adapter weights + optimizer state (dist_checkpointing: reloads under any TP/PP/DP)
-  adapter/               the consolidated adapter (TP=1 layout, all layers) that `nemotune export` reads
-  trainer_state.json     step, consumed_samples, epoch, val_loss, scheduler state, base-model reference
+  dist/                  LoRA: adapter weights + optimizer state; full SFT (peft.peft_scheme=none): the whole
+                         model under the key prefix `model.` (MODEL_PREFIX) + optimizer state
+                         (dist_checkpointing, the distributed optimizer's state fully reshardable: reloads
+                         under any TP/PP/DP)
+  adapter/               LoRA only: the consolidated adapter (TP=1 layout, all layers) that `nemotune export` reads
+  hf/                    the model's HF config.json, generation_config.json and the training tokenizer's files
+                         (tokenizer.save_pretrained: the chat template the data was prepared with)
+  trainer_state.json     step, consumed_samples, epoch, val_loss, scheduler state, peft_scheme, base reference
   rng/rank*.pt           each rank's RNG states
-The frozen base is referenced by path + sha256, never copied. A checkpoint is written under a `.tmp-`
+A LoRA checkpoint references the frozen base by path + sha256, never copies it. A checkpoint is written under a `.tmp-`
 name (its writer's host and pid recorded in it, so the next run can clean it up) and renamed when every
 rank has finished, so a crash mid-save never leaves one that looks complete.
 Top-k checkpoints by val_loss are kept, plus the last.
@@ -13,6 +18,7 @@ Top-k checkpoints by val_loss are kept, plus the last.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
@@ -28,6 +34,8 @@ from nemotune.recipes.engine.run_dir import OWNER_NAME, owner_record
 
 STATE_FILE = "trainer_state.json"
 RESUME_FROM = ("latest", "previous")
+MODEL_PREFIX = "model."  # a full-SFT checkpoint's model tensor keys: model.decoder.layers.0...., as in a .nemo
+HF_DIR = "hf"
 
 
 class CheckpointError(ValueError):
@@ -48,6 +56,111 @@ def adapter_sharded_state_dict(model_chunks) -> dict:
             if "adapter_layer" in key:
                 sharded[key] = value
     return sharded
+
+
+def model_sharded_state_dict(model_chunks) -> dict:
+    """The whole model's sharded state dict (full SFT), every key under MODEL_PREFIX."""
+    sharded = {}
+    for chunk in model_chunks:  # the GPTModel itself, not its DDP wrapper (which would add `module.`)
+        sharded.update(unwrap(chunk).sharded_state_dict(prefix=MODEL_PREFIX, metadata=sharding_metadata()))
+    return sharded
+
+
+@contextlib.contextmanager
+def optimizer_state_to_load_into(optimizer):
+    """For the block: an optimizer that has not stepped yet gets the state a checkpoint loads into.
+
+    megatron's distributed optimizer (without Apex / TE's fused Adam) reads torch Adam's per-parameter `step`
+    while it describes its state, which exists only after a first step, and then loads every tensor of the
+    state but `step` (set from the checkpoint's own): a `step` is lent for the block and removed after it."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    lent = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        inner, init = getattr(opt, "optimizer", None), getattr(opt, "init_state_fn", None)
+        if not isinstance(opt, DistributedOptimizer) or inner is None or init is None:
+            continue
+        params = [p for group in inner.param_groups for p in group["params"]]
+        if any(len(inner.state[p]) for p in params):
+            continue
+        init(inner)
+        if isinstance(inner, torch.optim.Adam):  # AdamW derives from it
+            for p in params:
+                inner.state[p]["step"] = torch.tensor(0.0)
+                lent.append(inner.state[p])
+    try:
+        yield
+    finally:
+        for state in lent:
+            state.pop("step", None)
+
+
+@contextlib.contextmanager
+def torch_adam_step_tolerated(optimizer):
+    """For the block: megatron-core's distributed optimizer loads a fully reshardable state into torch Adam.
+
+    Without Apex / TE's fused Adam, its load_state_dict puts torch Adam's `step` into every parameter's state
+    and then copies each state key from the checkpoint's tensors, which carry no `step` (KeyError 'step').
+    The step it set (one tensor, the checkpoint's) is handed back for that key, so the copy is a no-op; after
+    the load each parameter gets its own copy of it (torch Adam increments every parameter's `step` in place:
+    one shared tensor would advance once per parameter per step and skew the bias correction)."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    patched = []
+    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
+        original = getattr(opt, "_set_main_param_and_optimizer_states", None) \
+            if isinstance(opt, DistributedOptimizer) else None
+        if original is None or not isinstance(getattr(opt, "optimizer", None), torch.optim.Adam):
+            continue
+
+        def set_states(model_param, tensors, opt=opt, original=original):
+            if "step" not in tensors:
+                step = next((s["step"] for s in opt.optimizer.state.values() if "step" in s), None)
+                if step is not None:
+                    tensors = {**tensors, "step": step}
+            return original(model_param, tensors)
+
+        opt._set_main_param_and_optimizer_states = set_states
+        patched.append(opt)
+    try:
+        yield
+    finally:
+        for opt in patched:
+            del opt._set_main_param_and_optimizer_states  # back to the class's method
+            for state in opt.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def write_hf_dir(out: Path, *, hf_config: dict, hf_path: Optional[str], tokenizer) -> None:
+    """<step>/hf: the model's config.json and generation_config.json (model.hf_path's own files when it has
+    them) and the training tokenizer's files, chat template included."""
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(hf_path) if hf_path else None
+    for name in ("config.json", "generation_config.json"):
+        if source is not None and (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if not (out / "config.json").is_file():
+        (out / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+    if not (out / "generation_config.json").is_file():
+        generation = {k: hf_config[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if hf_config.get(k) is not None}
+        (out / "generation_config.json").write_text(json.dumps(generation, indent=2, sort_keys=True) + "\n")
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(out))
+
+
+def _save_adapter(out: Path, state: dict, config: dict, tokenizer) -> None:
+    """The consolidated adapter (an HF PEFT adapter) with the training tokenizer's files (its chat template)."""
+    from nemotune.converters.formats.adapters import save_adapter
+
+    save_adapter(out, state, config, tokenizer=tokenizer)
 
 
 def complete_checkpoints(root: Path) -> list[Path]:
@@ -71,13 +184,38 @@ def read_state(ckpt: Path) -> dict:
                               f"to start a new run") from None
 
 
+def check_peft_scheme(ckpt: Path, payload: dict, peft_scheme: str) -> None:
+    """A LoRA checkpoint holds adapters only, a full-SFT one the whole model: neither resumes as the other."""
+    saved = payload.get("peft_scheme") or "lora"  # checkpoints written before full SFT existed are LoRA
+    if saved == peft_scheme:
+        return
+    what = {"lora": "a LoRA (adapter-only)", "none": "a full-parameter SFT"}
+    raise CheckpointError(
+        f"{ckpt} is {what.get(saved, saved)} checkpoint (peft_scheme {saved}) and this run has "
+        f"peft.peft_scheme={peft_scheme}; resume it with peft={saved}, or set run.output_dir=<new dir> "
+        f"to start a new run" + (" (a full-SFT step dir can be its model.checkpoint)" if saved == "none" else ""))
+
+
+def refuse_other_peft_scheme(root: Path, *, peft_scheme: str, resume: bool, resume_from: str) -> None:
+    """Before any model is built or base hashed: the checkpoint a resume would start from is of this peft
+    scheme (the rest of it is checked when it loads)."""
+    checkpoints = complete_checkpoints(Path(root)) if resume else []
+    previous = resume_from == "previous"
+    if len(checkpoints) > int(previous):  # the one Checkpointer.latest() picks (it refuses the other cases)
+        ckpt = checkpoints[-2] if previous else checkpoints[-1]
+        check_peft_scheme(ckpt, read_state(ckpt), peft_scheme)
+
+
 class Checkpointer:
-    def __init__(self, root: Path, *, adapter_config: dict, base_reference: dict, save_top_k: int,
-                 resume: bool, resume_from: str = "latest"):
+    def __init__(self, root: Path, *, adapter_config: Optional[dict], base_reference: dict, save_top_k: int,
+                 resume: bool, resume_from: str = "latest", peft_scheme: str = "lora",
+                 hf_config: Optional[dict] = None, hf_path: Optional[str] = None, tokenizer=None):
         if resume_from not in RESUME_FROM:
             raise CheckpointError(f"run.resume_from={resume_from}: expected one of {', '.join(RESUME_FROM)}")
         self.root = Path(root)
         self.adapter_config = adapter_config
+        self.peft_scheme = peft_scheme
+        self.hf_config, self.hf_path, self.tokenizer = hf_config, hf_path, tokenizer
         self.base_reference = base_reference
         self.save_top_k = save_top_k
         self.resume = resume
@@ -88,8 +226,6 @@ class Checkpointer:
         """Every rank writes its shards under `.tmp-stepN` (its writer recorded in it); renamed to `stepN`
         once all ranks are done. A failure on any rank removes the temporary and raises CheckpointError."""
         from megatron.core import dist_checkpointing
-
-        from nemotune.converters.formats.adapters import save_adapter
 
         progress = trainer.state_dict()
         step = progress["step"]
@@ -111,11 +247,15 @@ class Checkpointer:
             failure = err
         self._agree(failure, tmp, final)
         try:
-            full_adapter = trainer.consolidated_adapter()
+            full_adapter = trainer.consolidated_adapter() if self.peft_scheme == "lora" else None
             torch.save(_rng_states(), tmp / "rng" / f"rank{distributed.rank()}.pt")
             if distributed.is_rank_zero():
-                save_adapter(tmp / "adapter", full_adapter, self.adapter_config)
-                payload = {**progress, "base_model": self.base_reference,
+                if self.peft_scheme == "lora":
+                    _save_adapter(tmp / "adapter", full_adapter, self.adapter_config, self.tokenizer)
+                if self.hf_config is not None:
+                    write_hf_dir(tmp / HF_DIR, hf_config=self.hf_config, hf_path=self.hf_path,
+                                 tokenizer=self.tokenizer)
+                payload = {**progress, "peft_scheme": self.peft_scheme, "base_model": self.base_reference,
                            # sizes of the shard files: a resume names a truncated one before reading it
                            "dist_files": {f.name: f.stat().st_size for f in sorted((tmp / "dist").iterdir())
                                           if f.is_file()}}
@@ -192,6 +332,7 @@ class Checkpointer:
         from nemotune.converters.formats.safe_pickle import UnsafeFileError, check_checkpoint_files
 
         payload = read_state(ckpt)  # names a damaged trainer_state.json
+        self._check_peft_scheme(ckpt, payload)
         try:  # megatron / torch unpickle its .metadata: refuse anything but data first (and short shards)
             check_checkpoint_files(ckpt)
         except UnsafeFileError as err:
@@ -217,6 +358,9 @@ class Checkpointer:
         if rng_file.is_file() and payload.get("world_size") == distributed.world_size():
             _set_rng_states(torch.load(rng_file, weights_only=True))
 
+
+    def _check_peft_scheme(self, ckpt: Path, payload: dict) -> None:
+        check_peft_scheme(ckpt, payload, self.peft_scheme)
 
     @staticmethod
     def _check_shard_sizes(ckpt: Path, recorded: dict) -> None:

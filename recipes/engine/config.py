@@ -68,8 +68,13 @@ class LoraConfig:
         return cls(**{k: v for k, v in values.items() if k in names})
 
 
+PEFT_SCHEMES = ("lora", "none")  # none = full-parameter SFT: every weight trains
+RECOMPUTE = ("none", "selective", "full")  # megatron-core's recompute_granularity (none = keep activations)
+
+
 @dataclass
 class PeftConfig:
+    # lora: adapters on a frozen base; none: full-parameter SFT (conf/peft/none.yaml)
     peft_scheme: str = "lora"
     lora: LoraConfig = field(default_factory=LoraConfig)
     # an adapter to start from: a nemotune checkpoint / adapter dir, or a Hugging Face PEFT dir
@@ -82,7 +87,9 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     context_parallel_size: int = 1
     sequence_parallel: bool = False
-    use_distributed_optimizer: bool = False
+    # megatron-core's distributed optimizer (ZeRO-1 over data parallel); null = auto: on for full SFT
+    # (peft=none: fp32 main weights + Adam states dominate), off for LoRA (its optimizer state is tiny)
+    use_distributed_optimizer: Optional[bool] = None
 
 
 @dataclass
@@ -125,6 +132,8 @@ class TrainerConfig:
     validation_split: str = "validation"
     save_top_k: int = 2
     precision: str = "auto"  # auto = bf16 on GPU, fp32 on CPU; or fp32 / bf16
+    # activation recompute: none, selective (core attention) or full (every layer, uniform, 1 layer per group)
+    recompute: str = "none"
     log_every_n_steps: int = 1
     # stop after this many steps of this process, leaving a resumable checkpoint (tests, preemption drills)
     stop_after_steps: int = -1
@@ -252,6 +261,13 @@ def hf_config_of(cfg: DictConfig) -> dict:
     return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
 
 
+def distributed_optimizer(cfg: DictConfig) -> bool:
+    """The effective `parallel.use_distributed_optimizer`: as set, or (null, the default) on for full SFT
+    (peft.peft_scheme=none) and off for LoRA."""
+    value = cfg.parallel.use_distributed_optimizer
+    return bool(value) if value is not None else cfg.peft.peft_scheme == "none"
+
+
 def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> None:
     """Raise ConfigError listing every problem of `cfg`; returns None when it is runnable.
 
@@ -318,8 +334,15 @@ def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> No
         problems.append(f"trainer.optim.lr={tr.optim.lr}: must be > 0")
     if tr.precision not in ("auto", "fp32", "bf16"):
         problems.append(f"trainer.precision={tr.precision}: use auto, fp32 or bf16")
-    if cfg.peft.peft_scheme != "lora":
-        problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: only lora is supported")
+    if cfg.peft.peft_scheme not in PEFT_SCHEMES:
+        problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: use lora (adapters, peft=lora) or none "
+                        f"(full-parameter SFT, peft=none)")
+    elif cfg.peft.peft_scheme == "none" and cfg.peft.restore_from:
+        problems.append(f"peft.restore_from={cfg.peft.restore_from}: restores an adapter, and peft.peft_scheme=none "
+                        f"trains no adapter; start full SFT from a model with model.checkpoint=<step dir or "
+                        f"converted checkpoint>, or set peft=lora")
+    if tr.recompute not in RECOMPUTE:
+        problems.append(f"trainer.recompute={tr.recompute}: use one of {', '.join(RECOMPUTE)}")
     stage_names = [stage.name for stage in cfg.stages]
     if cfg.run.stage is not None and cfg.run.stage not in stage_names:
         problems.append(f"run.stage={cfg.run.stage}: not a stage of this experiment; use one of {stage_names}")

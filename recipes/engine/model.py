@@ -168,10 +168,12 @@ def _sdpa_core_attention():
                 k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
                 v = v.repeat_interleave(q.shape[1] // v.shape[1], dim=1)
             sdpa = torch.nn.functional.scaled_dot_product_attention
-            if isinstance(attention_mask, DocumentMask):  # causal attention within each packed document
+            spans_of_rows = attention_mask.spans if isinstance(attention_mask, DocumentMask) else \
+                spans_from_tensor(attention_mask) if _is_spans_tensor(attention_mask) else None
+            if spans_of_rows is not None:  # causal attention within each packed document
                 rows = [torch.cat([sdpa(q[b:b + 1, :, s:e], k[b:b + 1, :, s:e], v[b:b + 1, :, s:e],
                                         is_causal=True, scale=self.softmax_scale) for s, e in spans], dim=2)
-                        for b, spans in enumerate(attention_mask.spans)]
+                        for b, spans in enumerate(spans_of_rows)]
                 out = torch.cat(rows, dim=0)
             else:
                 allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
@@ -179,6 +181,26 @@ def _sdpa_core_attention():
             return out.permute(2, 0, 1, 3).reshape(seq, batch, -1)
 
     return SdpaCoreAttention
+
+
+def spans_tensor(mask) -> torch.Tensor:
+    """A DocumentMask as an integer tensor [rows, documents, 2] of (start, end), rows padded with empty (0, 0)
+    spans: what megatron's activation recompute can save for backward (it saves tensors only)."""
+    width = max(len(spans) for spans in mask.spans)
+    out = torch.zeros((len(mask.spans), width, 2), dtype=torch.long)
+    for row, spans in enumerate(mask.spans):
+        if spans:
+            out[row, :len(spans)] = torch.tensor(spans, dtype=torch.long)
+    return out
+
+
+def spans_from_tensor(tensor: torch.Tensor) -> list:
+    return [[(s, e) for s, e in row if e > s] for row in tensor.tolist()]
+
+
+def _is_spans_tensor(mask) -> bool:
+    return isinstance(mask, torch.Tensor) and not mask.is_floating_point() and mask.dtype != torch.bool \
+        and mask.dim() == 3 and mask.shape[-1] == 2
 
 
 def layer_spec(use_te: bool, qk_layernorm: bool = False):

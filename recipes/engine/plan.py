@@ -477,6 +477,7 @@ def input_from_config(cfg, *, device: str = "gpu", world: Optional[int] = None, 
     from omegaconf import OmegaConf
 
     from nemotune.converters.formats.hf_config import load_hf_config
+    from nemotune.recipes.engine.config import distributed_optimizer
     from nemotune.recipes.engine.lora import resolve_targets
 
     hf = load_hf_config(cfg.model.hf_path) if cfg.model.hf_path else \
@@ -486,7 +487,7 @@ def input_from_config(cfg, *, device: str = "gpu", world: Optional[int] = None, 
     world = world or int(cfg.cluster.nodes) * int(cfg.cluster.nproc_per_node)
     layout = Layout(tp=par.tensor_model_parallel_size, pp=par.pipeline_model_parallel_size,
                     dp=max(1, world // model_parallel), cp=par.context_parallel_size, sp=bool(par.sequence_parallel),
-                    distributed_optimizer=bool(par.use_distributed_optimizer))
+                    distributed_optimizer=distributed_optimizer(cfg))
     lora = None
     if cfg.peft.peft_scheme not in (None, "none"):
         lc = cfg.peft.lora
@@ -498,7 +499,8 @@ def input_from_config(cfg, *, device: str = "gpu", world: Optional[int] = None, 
     seq = cfg.data.pack_size if cfg.data.packing else cfg.data.max_seq_length
     kwargs = dict(hf=hf, layout=layout, micro_batch_size=int(cfg.trainer.micro_batch_size),
                   global_batch_size=int(cfg.trainer.global_batch_size), seq_length=int(seq), lora=lora,
-                  device=device, precision=precision, peak_tflops=None if device == "cpu" else
+                  device=device, precision=precision, recompute=str(cfg.trainer.recompute),
+                  peak_tflops=None if device == "cpu" else
                   flops.PEAK_BF16_TFLOPS["H100"])
     kwargs.update(overrides)
     return PlanInput(**kwargs)

@@ -10,6 +10,7 @@ so packing, DP and PP leave it unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -234,6 +235,7 @@ class SupervisedTrainer:
             "val_loss": state.last_val_loss,
             "best_val_loss": None if state.best_val_loss == math.inf else state.best_val_loss,
             "stage": self.stage,
+            "peft_scheme": self.cfg.peft.peft_scheme,
             "world_size": distributed.world_size(),
             "max_steps": self.max_steps,
             "scheduler": self.scheduler.state_dict(),
@@ -263,24 +265,44 @@ class SupervisedTrainer:
         if payload.get("best_val_loss") is not None:
             state.best_val_loss = payload["best_val_loss"]
 
-    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
-        """Adapters and optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
-        from nemotune.recipes.engine.checkpointing import adapter_sharded_state_dict, sharding_metadata
+    @property
+    def full_parameter(self) -> bool:
+        """Full-parameter SFT (peft.peft_scheme=none): every weight trains and is checkpointed."""
+        return self.cfg.peft.peft_scheme == "none"
 
-        sharded = adapter_sharded_state_dict(self.model)
-        return {"model": sharded, "optimizer": self.optimizer.sharded_state_dict(
-            sharded, is_loading=is_loading, metadata=sharding_metadata())}
+    def sharded_state_dict(self, *, is_loading: bool = False) -> dict:
+        """The trainable weights (LoRA: the adapters; full SFT: the whole model, keys under `model.`) and the
+        optimizer state in megatron's dist_checkpointing form (any TP/PP/DP reloads it)."""
+        from nemotune.recipes.engine.checkpointing import (adapter_sharded_state_dict, model_sharded_state_dict,
+                                                           optimizer_state_to_load_into, sharding_metadata)
+
+        sharded = model_sharded_state_dict(self.model) if self.full_parameter else \
+            adapter_sharded_state_dict(self.model)
+        with optimizer_state_to_load_into(self.optimizer) if is_loading else contextlib.nullcontext():
+            optimizer = self.optimizer.sharded_state_dict(sharded, is_loading=is_loading, metadata=sharding_metadata())
+        return {"model": sharded, "optimizer": optimizer}
 
     def consolidated_adapter(self) -> dict:
-        """The whole adapter in the TP=1 layout (collective: every rank calls it)."""
+        """The whole adapter in the TP=1 layout (collective: every rank calls it). LoRA only."""
         from nemotune.recipes.engine import lora
 
         return lora.gather_adapter(self.model)
 
     def load_sharded_state_dict(self, state: dict) -> None:
-        for chunk in self.model:
-            chunk.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        from nemotune.recipes.engine.checkpointing import MODEL_PREFIX, torch_adam_step_tolerated, unwrap
+
+        if self.full_parameter:
+            weights = {key[len(MODEL_PREFIX):]: value for key, value in state["model"].items()}
+            for chunk in self.model:
+                missing, _ = unwrap(chunk).load_state_dict(weights, strict=False)
+                missing = [k for k in missing if not k.endswith("_extra_state")]
+                if missing:
+                    raise ValueError(f"the checkpoint lacks {len(missing)} of this model's weights, e.g. {missing[:3]}")
+        else:
+            for chunk in self.model:
+                chunk.load_state_dict(state["model"], strict=False)
+        with torch_adam_step_tolerated(self.optimizer):
+            self.optimizer.load_state_dict(state["optimizer"])
         # the optimizer's saved param groups carry the lr of the saved schedule: apply this config's schedule
         self.scheduler.step(increment=0)
 
@@ -304,6 +326,10 @@ class SupervisedTrainer:
                                    packed_seq_params=batches.packed_seq_params(batch, device))
         else:
             attention_mask = batches.DocumentMask(batch["document_lengths"], tokens.shape[1])
+            if self.cfg.trainer.recompute != "none":  # recompute saves its inputs for backward: tensors only
+                from nemotune.recipes.engine.model import spans_tensor
+
+                attention_mask = spans_tensor(attention_mask).to(device)
             with RotaryPositions(model, position_ids):
                 per_token_loss = model(tokens, position_ids, attention_mask, labels=labels, loss_mask=weights)
         return per_token_loss, partial(_answer_token_loss, weights)
@@ -346,7 +372,10 @@ class SupervisedTrainer:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         doc_lengths = [l for mb in micro_batches for row in mb["document_lengths"] for l in row]
-        local = torch.tensor([sum(doc_lengths), flops.lora_step_flops(self.hf_config, doc_lengths)],
+        step_flops = flops.lora_step_flops(self.hf_config, doc_lengths)
+        if self.full_parameter:  # + the weight gradients LoRA's frozen base skips: 6N per token in all
+            step_flops += flops.dense_forward_flops_per_token(self.hf_config) * sum(doc_lengths)
+        local = torch.tensor([sum(doc_lengths), step_flops],
                              dtype=torch.float64, device=distributed.device())
         # each DP replica's tokens once: reduce over the data-parallel group only
         from megatron.core import parallel_state
