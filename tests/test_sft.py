@@ -166,3 +166,46 @@ def test_stages_may_go_from_full_sft_to_lora_but_not_back():
         stage_configs(cfg)
     assert "stages[stage2]" in str(err.value) and "nemotune export merge" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+def test_a_trained_full_sft_step_exports_to_hf_and_nemo_with_the_template_prep_used(sft, tiny_assets, tmp_path):
+    """The trained step dir itself (not a converted base): export hf loads in transformers with Megatron's logits,
+    carries the chat template prep formatted the data with, and its weights are the trained ones; export nemo
+    round-trips to the same tensors bit for bit."""
+    import hashlib
+    import tarfile
+
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    from nemotune.converters.checkpoint import verify
+    from nemotune.converters.convert import main as convert_main
+    from nemotune.converters.export import main as export_main
+    from nemotune.recipes.engine.checkpointing import complete_checkpoints
+
+    step = complete_checkpoints(sft["one_process"] / "checkpoints")[-1]
+    hf_out = tmp_path / "hf"
+    assert export_main(["hf", "--checkpoint", str(step), "--out", str(hf_out), "--no-progress"]) == 0
+    assert verify(hf_out, step) <= 1e-5
+    template = (hf_out / "chat_template.jinja").read_text()
+    manifest = json.loads((Path(tiny_assets["prep"]) / "manifest.json").read_text())
+    assert hashlib.sha256(template.encode()).hexdigest() == manifest["tokenizer"]["chat_template_sha256"]
+    exported = {}
+    for shard in hf_out.glob("model*.safetensors"):
+        exported.update(load_file(str(shard)))
+    base = {}
+    for shard in Path(tiny_assets["base"]).glob("model*.safetensors"):
+        base.update(load_file(str(shard)))
+    assert exported.keys() == base.keys()
+    assert not torch.equal(exported["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
+
+    nemo = tmp_path / "sft.nemo"
+    assert export_main(["nemo", "--checkpoint", str(step), "--out", str(nemo)]) == 0
+    with tarfile.open(nemo) as archive:
+        config = yaml.safe_load(archive.extractfile("./model_config.yaml").read())
+    assert config["tokenizer"]["chat_template"] == template and config["data"]["chat"] is True
+    back = tmp_path / "back"
+    assert convert_main(["nemo-to-hf", "--nemo", str(nemo), "--out", str(back), "--no-progress"]) == 0
+    ours = load_file(str(back / "model.safetensors"))
+    assert ours.keys() == exported.keys() and all(torch.equal(ours[k], exported[k]) for k in ours)
