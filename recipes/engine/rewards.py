@@ -10,7 +10,8 @@ up to and including its end-of-turn token). `rl.grpo.rewards` selects and weight
     rl.grpo.rewards=[{name: rouge_l, weight: 1.0}, {name: think_format, weight: 0.5}, {name: "my_pkg.rewards:f"}]
 
 Built-ins: rouge_l (ROUGE-L F1 to the reference), semantic (cosine similarity of the packaged all-MiniLM-L6-v2
-embeddings), length_match (1 at the reference's word count, falling linearly to 0 at 0 or twice it),
+embeddings), length_match (1 at the reference's word count, falling linearly to 0 at 0 or twice it) -- these
+three score the final answer, after a leading <think>...</think> block --,
 think_format (1 for a well-formed `<think>...</think>` followed by a non-empty answer, else 0). The total
 reward is the weighted sum; each function's mean and std are logged under its name.
 """
@@ -24,10 +25,17 @@ from typing import Callable, Dict, List, Sequence
 RewardFn = Callable[..., List[float]]
 
 
+def _answers(completions: Sequence[str]) -> List[str]:
+    """The final answers: a leading <think>...</think> block is not compared with the reference."""
+    from nemotune.recipes.engine.generation import strip_thinking
+
+    return [strip_thinking(c) for c in completions]
+
+
 def rouge_l(completions: Sequence[str], references: Sequence[str], **_) -> List[float]:
     from nemotune.recipes.engine.eval_metrics import rouge_l_f1
 
-    return [rouge_l_f1(c, r) for c, r in zip(completions, references)]
+    return [rouge_l_f1(c, r) for c, r in zip(_answers(completions), references)]
 
 
 _EMBEDDER = []
@@ -38,14 +46,14 @@ def semantic(completions: Sequence[str], references: Sequence[str], **_) -> List
 
     if not _EMBEDDER:  # loaded once per process, from the packaged model (never downloaded)
         _EMBEDDER.append(load_embedding_model())
-    return semantic_similarity(list(completions), list(references), _EMBEDDER[0])
+    return semantic_similarity(_answers(completions), list(references), _EMBEDDER[0])
 
 
 def length_match(completions: Sequence[str], references: Sequence[str], **_) -> List[float]:
     from nemotune.recipes.engine.eval_metrics import word_count
 
     out = []
-    for c, r in zip(completions, references):
+    for c, r in zip(_answers(completions), references):
         want = max(word_count(r), 1)
         out.append(max(0.0, 1.0 - abs(word_count(c) - want) / want))
     return out

@@ -447,8 +447,9 @@ class GRPOTrainer(_RLTrainer):
         # rewards and lengths: every DP replica's prompts once
         rewards = [r for row in reward_rows for r in row]
         n = len(rewards)
-        reward_stats = self._dp_sum([n, sum(rewards), sum(r * r for r in rewards), generated, entropy_sum,
-                                     sum(lengths)])
+        reward_stats = self._dp_sum([n, sum(rewards), sum(r * r for r in rewards), generated, 0.0, sum(lengths)])
+        # the entropy is known on the last pipeline stage (its TP ranks hold copies: the ratio cancels them)
+        entropy_total, entropy_tokens = self._sum_over_world([entropy_sum, float(generated) if _last_stage() else 0.0])
         names = self.rewards.names
         per_name = self._dp_sum([v for name in names for v in (sum(part_rows[name]),
                                                                 sum(x * x for x in part_rows[name]))])
@@ -462,7 +463,7 @@ class GRPOTrainer(_RLTrainer):
             "rl/reward_std": _std(reward_stats[1], reward_stats[2], n_all),
             "rl/kl": sums[2].item() / max(sums[1].item(), 1.0),
             "rl/clip_fraction": sums[3].item() / max(sums[1].item(), 1.0),
-            "rl/entropy": reward_stats[4] / max(reward_stats[3], 1.0) if reward_stats[3] else 0.0,
+            "rl/entropy": entropy_total / max(entropy_tokens, 1.0),
             "rl/response_length": reward_stats[5] / n_all,
             "rl/rollout_time": rollout_time,
             "rl/train_time": train_time,

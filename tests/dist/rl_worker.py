@@ -28,9 +28,9 @@ COMMON = [*[o for o in tiny_run(PREP, BASE_MCORE, BASE_HF, steps=LEARN_STEPS)
             if not o.startswith(("trainer.train_split", "trainer.global_batch_size", "trainer.sft.val_check"))],
           "cluster.nproc_per_node=2", "trainer.global_batch_size=2", "trainer.sft.val_check_interval=100",
           "trainer.sft.limit_val_batches=1", "trainer.optim.scheduler=constant", "trainer.optim.warmup_steps=0",
-          "trainer.optim.lr=2e-2"]
-GRPO = ["rl.grpo.num_generations=4", "rl.grpo.max_new_tokens=6", "rl.grpo.kl_coef=0.02",
-        "rl.grpo.rewards=[{name:'rl_rewards:low_ids'}]"]
+          "trainer.optim.lr=1e-2"]
+GRPO = ["rl.grpo.num_generations=4", "rl.grpo.max_new_tokens=6", "rl.grpo.kl_coef=0.02", "rl.grpo.temperature=0.1",
+        "rl.grpo.rewards=[{name:'rl_rewards:aligned_tokens'}]"]
 LAYOUTS = {"dp2": ["parallel=single"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"]}
 
 
@@ -82,7 +82,7 @@ def main():
     grpo("tp2", PARITY_STEPS)  # ... and the rerun resumes from it
     grpo("pp2", PARITY_STEPS)
     dpo = compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", f"rl.dpo.pairs={PAIRS}", "rl.dpo.beta=0.5",
-                      "trainer.global_batch_size=4", "trainer.sft.max_steps=6", f"run.output_dir={ROOT / 'dpo'}"])
+                      "trainer.global_batch_size=4", "trainer.sft.max_epochs=2", f"run.output_dir={ROOT / 'dpo'}"])
     train_rl(dpo)
     results["reference"] = reference_check(learned.adapter_dir)
     if distributed.is_rank_zero():
