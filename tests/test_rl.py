@@ -183,3 +183,18 @@ def test_dpo_drives_preference_accuracy_up(rl_runs):
 def test_adapter_off_reference_equals_the_base_model(rl_runs):
     assert rl_runs["reference"]["adapter_off_vs_base"] == 0.0
     assert rl_runs["reference"]["adapter_on_vs_base"] > 1e-3  # the trained adapter does change the log-probs
+
+
+def test_rl_verb_help_and_validate_only_load_no_weights(tiny_assets, tmp_path, capsys):
+    from conftest import run_module
+
+    from nemotune.recipes.cli import main
+
+    assert main(["rl", "--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: nemotune rl ")
+    run = tmp_path / "run"
+    result = run_module("nemotune.recipes.rl", "--validate-only", f"model.hf_path={tiny_assets['base']}",
+                        f"model.checkpoint={tiny_assets['mcore']}", f"data.output_dir={tiny_assets['prep']}",
+                        f"run.output_dir={run}", "rl.grpo.rewards=[{name:rouge_l},{name:think_format,weight:0.5}]")
+    assert "configuration, rewards and data are valid (grpo" in result.stdout
+    assert not run.exists()
