@@ -53,12 +53,19 @@ def check(cfg: DictConfig, overrides: List[str]) -> None:
     """Every config, reward and data problem at once (ConfigError), before any process group or weights."""
     from nemotune.recipes.engine.config import ConfigError, rl_data_problems, rl_problems, validate
 
+    from nemotune.recipes.engine.config import apply_overrides
+
     problems: List[str] = []
-    try:
-        validate(cfg)
-    except ConfigError as err:
-        problems += err.problems
-    problems += rl_problems(cfg)
+    stages = [(None, cfg)] if not cfg.stages else \
+        [(stage.name, apply_overrides(cfg, dict(stage.overrides))) for stage in cfg.stages]
+    for name, stage_cfg in stages:
+        found: List[str] = []
+        try:
+            validate(stage_cfg)
+        except ConfigError as err:
+            found += err.problems
+        found += rl_problems(stage_cfg)
+        problems += [p if name is None else f"stages[{name}]: {p}" for p in found if p not in problems]
     problems += rl_data_problems(cfg, overrides)
     if problems:
         raise ConfigError(problems)
@@ -141,6 +148,15 @@ def train_rl(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "r
                        steps=state.step, finished=trainer.finished, last_val_loss=state.last_val_loss)
 
 
+def train_stage(cfg: DictConfig, *, run_dir: Path, stage: str, step_offset: int = 0):
+    """One stage of a multi-stage experiment: supervised (rl.algorithm=sft, `nemotune train`'s loop) or RL."""
+    if cfg.rl.algorithm == "sft":
+        from nemotune.recipes.lora_sft import train
+
+        return train(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
+    return train_rl(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
+
+
 def _file_sha256(path: str) -> str:
     import hashlib
 
@@ -168,7 +184,12 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{VERB}: configuration, rewards and data are valid ({cfg.rl.algorithm}, "
                   f"data {cfg.data.output_dir}, split {cfg.trainer.train_split}); no weights were loaded")
             return 0
-        train_rl(cfg)
+        if cfg.stages:
+            from nemotune.recipes.two_stage import run_stages
+
+            run_stages(cfg, train=train_stage)
+        else:
+            train_rl(cfg)
     except ConfigError as err:
         print(f"{VERB}: {err}", file=sys.stderr)
         return 2

@@ -31,10 +31,13 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
     return out
 
 
-def run_stages(cfg: DictConfig) -> list:
-    """Every stage in order, or only `run.stage` (a dependent Slurm job per stage)."""
+def run_stages(cfg: DictConfig, train=None) -> list:
+    """Every stage in order, or only `run.stage` (a dependent Slurm job per stage). `train(stage_cfg, run_dir=,
+    stage=, step_offset=)` trains one stage: LoRA SFT by default (`nemotune rl` passes one that also runs RL)."""
     from nemotune.recipes.engine.checkpointing import complete_checkpoints, read_state
-    from nemotune.recipes.lora_sft import train
+
+    if train is None:
+        from nemotune.recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
     results, summary, previous_adapter, step_offset = [], [], None, 0

@@ -198,3 +198,11 @@ def test_rl_verb_help_and_validate_only_load_no_weights(tiny_assets, tmp_path, c
                         f"run.output_dir={run}", "rl.grpo.rewards=[{name:rouge_l},{name:think_format,weight:0.5}]")
     assert "configuration, rewards and data are valid (grpo" in result.stdout
     assert not run.exists()
+
+
+def test_three_stage_seed_recipe_runs_sft_sft_grpo(rl_runs):
+    three = rl_runs["three_stage"]
+    assert three["finished"] == [True, True, True] and three["steps"] == [1, 1, 1]
+    assert [Path(a).parts[-4] for a in three["adapters"]] == ["stage1", "stage2", "stage3"]
+    for adapter in three["adapters"]:
+        assert (Path(adapter) / "adapter_config.json").is_file()

@@ -452,7 +452,8 @@ def _dot(value: Any) -> str:
 
 # ---- RL after SFT (`nemotune rl`, recipes/rl.py): GRPO and DPO on the same LoRA policy ------------------------
 
-RL_ALGORITHMS = ("grpo", "dpo")
+# sft: a supervised stage of a multi-stage `nemotune rl` experiment (the SFT trainer, e.g. before GRPO)
+RL_ALGORITHMS = ("grpo", "dpo", "sft")
 
 
 @dataclass
@@ -507,6 +508,8 @@ def rl_problems(cfg: DictConfig, *, check_files: bool = True) -> List[str]:
     rl = cfg.rl
     if rl.algorithm not in RL_ALGORITHMS:
         problems.append(f"rl.algorithm={rl.algorithm}: use one of {', '.join(RL_ALGORITHMS)}")
+    if rl.algorithm == "sft":  # a supervised stage: validate() covers it
+        return problems
     if cfg.parallel.sequence_parallel:
         problems.append("parallel.sequence_parallel=true: not supported by `nemotune rl` yet; set it to false")
     if cfg.trainer.micro_batch_size != 1:
@@ -560,9 +563,10 @@ def rl_data_problems(cfg: DictConfig, overrides: Sequence[str] = ()) -> List[str
     if cfg.rl.algorithm == "dpo":  # pairs come from rl.dpo.pairs: only the validation split is read
         cfg = OmegaConf.merge(cfg, {"trainer": {"train_split": cfg.trainer.validation_split}})
     problems = prepared_data_problems(cfg, overrides)
-    if not problems and cfg.rl.algorithm == "grpo":
-        path = formats.messages_path(cfg.data.output_dir, cfg.trainer.train_split)
-        if not path.is_file():
-            problems.append(f"trainer.train_split={cfg.trainer.train_split}: {cfg.data.output_dir} has no {path.name} "
+    stages = [apply_overrides(cfg, dict(s.overrides)) for s in cfg.stages] if cfg.stages else [cfg]
+    for split in dict.fromkeys(s.trainer.train_split for s in stages if s.rl.algorithm == "grpo"):
+        path = formats.messages_path(cfg.data.output_dir, split)
+        if not problems and not path.is_file():
+            problems.append(f"trainer.train_split={split}: {cfg.data.output_dir} has no {path.name} "
                             f"(the prompts); rerun `{prep_command(overrides)}`")
     return problems

@@ -7,6 +7,7 @@ Writes, from rank 0:
                   into the same run dir), so it checks the layout and the resume at once
   grpo.pp2        the same at PP=2 for PARITY_STEPS steps
   dpo.dp2         DPO on the toy pairs: per-step preference accuracy, margin, loss
+  three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
   reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
                   adapter-on model vs the base: it must differ, or the check could not fail)
 """
@@ -85,6 +86,16 @@ def main():
                       "trainer.global_batch_size=4", "trainer.sft.max_epochs=2", f"run.output_dir={ROOT / 'dpo'}"])
     train_rl(dpo)
     results["reference"] = reference_check(learned.adapter_dir)
+    # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
+    from nemotune.recipes.rl import train_stage
+    from nemotune.recipes.two_stage import run_stages
+
+    three = compose_rl(["experiment=tiny_three_stage", *COMMON[:3], "run.tensorboard=false", "peft.lora.dim=8",
+                        "cluster.nproc_per_node=2", "trainer.sft.max_steps=1", "trainer.sft.limit_val_batches=1",
+                        f"run.output_dir={ROOT / 'three_stage'}"])
+    stages = run_stages(three, train=train_stage)
+    results["three_stage"] = {"adapters": [str(r.adapter_dir) for r in stages], "steps": [r.steps for r in stages],
+                              "finished": [r.finished for r in stages]}
     if distributed.is_rank_zero():
         for layout in LAYOUTS:
             results["grpo"][layout] = metrics(ROOT / f"grpo_{layout}")
