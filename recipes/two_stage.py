@@ -17,14 +17,19 @@ from typing import List
 from omegaconf import DictConfig
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.config import apply_overrides, validate
+from nemotune.recipes.engine.config import ConfigError, apply_overrides, compose_error, validate
 
 
 def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
     """(name, config) per stage, validated together before anything runs."""
     out = []
     for stage in cfg.stages:
-        stage_cfg = apply_overrides(cfg, dict(stage.overrides))
+        try:
+            stage_cfg = apply_overrides(cfg, dict(stage.overrides))
+        except Exception as err:  # omegaconf: a key the schema lacks, a value of the wrong type
+            rl = " (stages with rl.* keys run with `nemotune rl`)" if any(
+                str(k).startswith("rl.") for k in stage.overrides) else ""
+            raise ConfigError([f"stages[{stage.name}].overrides: {compose_error(err)}{rl}"]) from None
         stage_cfg.stages = []
         validate(stage_cfg)
         out.append((stage.name, stage_cfg))

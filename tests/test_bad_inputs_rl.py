@@ -30,6 +30,8 @@ CASES = [
     BadInput("pairs_file_missing", (*DPO, "rl.dpo.pairs={missing}"), ("rl.dpo.pairs={missing}", "no such file")),
     BadInput("unknown_rl_key", (*RL, "rl.grpo.num_generation=4"),
              ("rl.grpo.num_generation", "did you mean rl.grpo.num_generations")),
+    BadInput("rl_stages_under_nemotune_train", ("nemotune.recipes.lora_sft", "experiment=tiny_three_stage", *RL[1:]),
+             ("stages[stage1].overrides", "Key 'rl'", "run with `nemotune rl`")),
 ]
 
 
