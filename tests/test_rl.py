@@ -106,6 +106,12 @@ def test_builtin_rewards_score_what_they_name():
     assert parts == {"length_match": [1.0], "think_format": [1.0]} and total == [2.5]
 
 
+def test_semantic_reward_uses_the_packaged_minilm():
+    same, other = rewards.semantic(["<think>hm</think> Index funds have low fees.", "The weather is nice today."],
+                                   ["Index funds have low fees."] * 2)
+    assert same > 0.99 and other < 0.5
+
+
 def test_reward_config_problems_name_each_entry():
     problems = rewards.reward_problems([{"name": "rouge", "weight": 1.0}, {"name": "math:nope", "weight": 1.0},
                                         {"name": "json:loads", "weight": 1.0}])
@@ -172,12 +178,17 @@ def test_grpo_stopped_and_rerun_resumes_with_the_same_rewards(rl_runs):
     assert rl_runs["tp2_logged_steps"] == [1, 2, 3]
 
 
-def test_dpo_drives_preference_accuracy_up(rl_runs):
-    steps = rl_runs["dpo"]
+def test_dpo_drives_preference_accuracy_up_alike_at_tp1_and_pp2(rl_runs):
+    steps = rl_runs["dpo"]["dp2"]
     accuracy = [steps[str(s)]["dpo/accuracy"] for s in range(1, len(steps) + 1)]
     assert accuracy[0] == 0.5  # the policy starts as the reference: every pair is a tie
     assert accuracy[-1] > 0.9, accuracy
     assert steps[str(len(steps))]["dpo/reward_margin"] > 0
+    pp2 = rl_runs["dpo"]["pp2"]
+    assert sorted(pp2) == sorted(steps)
+    for step in steps:
+        for key in ("train/loss", "dpo/accuracy", "dpo/reward_margin", "dpo/chosen_logp"):
+            assert pp2[step][key] == pytest.approx(steps[step][key], abs=1e-5), (step, key)
 
 
 def test_adapter_off_reference_equals_the_base_model(rl_runs):

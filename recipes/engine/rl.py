@@ -380,10 +380,13 @@ class GRPOTrainer(_RLTrainer):
         g, step = self.grpo, self.state.step + 1
         mine = batches.data_parallel_slice(indices, self.dp_rank, self.dp_size)
         micro_batches, reward_rows, part_rows, lengths, generated, entropy_sum = [], [], {}, [], 0, 0.0
+        self._generation_time = 0.0
         for prompt_index in mine:
             prompt_index = int(prompt_index)
+            generation_start = time.perf_counter()
             with temperature_scaled(self.model, g.temperature):
                 out = self.rollout(prompt_index, step)
+            self._generation_time += time.perf_counter() - generation_start
             prompt = self.prompts[prompt_index]
             texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in out["completions"]]
             total, parts = self.rewards.score(texts, [prompt.reference] * len(texts), prompts=[prompt.text] * len(texts),
@@ -467,7 +470,8 @@ class GRPOTrainer(_RLTrainer):
             "rl/response_length": reward_stats[5] / n_all,
             "rl/rollout_time": rollout_time,
             "rl/train_time": train_time,
-            "rl/rollout_tokens_per_sec": reward_stats[3] / rollout_time,
+            "rl/generation_time": self._generation_time,  # of the rollout time, the rest scores the rewards
+            "rl/rollout_tokens_per_sec": reward_stats[3] / max(self._generation_time, 1e-9),
         }
         for i, name in enumerate(names):
             s, s2 = per_name[2 * i], per_name[2 * i + 1]

@@ -6,7 +6,7 @@ Writes, from rank 0:
   grpo.tp2        the same config at TP=2 for PARITY_STEPS steps, stopped after 2 steps and resumed (a rerun
                   into the same run dir), so it checks the layout and the resume at once
   grpo.pp2        the same at PP=2 for PARITY_STEPS steps
-  dpo.dp2         DPO on the toy pairs: per-step preference accuracy, margin, loss
+  dpo.dp2, pp2    DPO on the toy pairs at TP=1 and PP=2: per-step preference accuracy, margin, loss
   three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
   reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
                   adapter-on model vs the base: it must differ, or the check could not fail)
@@ -52,11 +52,12 @@ def grpo(layout: str, steps: int, extra=()):
 
 
 def reference_check(adapter_dir) -> dict:
-    from nemotune.recipes.engine.builders import build_base_model, build_lora_model
+    from nemotune.recipes.engine.builders import build_base_model, build_lora_model, init_from_config
     from nemotune.recipes.engine.config import hf_config_of
     from nemotune.recipes.engine.rl import adapter_disabled
 
     cfg = compose_rl([*COMMON, *GRPO, "parallel=single", f"peft.restore_from={adapter_dir}"])
+    init_from_config(cfg)  # whole models on each rank (the previous run left a PP=2 layout)
     hf = hf_config_of(cfg)
     tokens = torch.randint(0, hf["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(24).expand_as(tokens)
@@ -82,9 +83,10 @@ def main():
     grpo("tp2", PARITY_STEPS, ["trainer.stop_after_steps=2"])  # stops at step 2 with a checkpoint ...
     grpo("tp2", PARITY_STEPS)  # ... and the rerun resumes from it
     grpo("pp2", PARITY_STEPS)
-    dpo = compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", f"rl.dpo.pairs={PAIRS}", "rl.dpo.beta=0.5",
-                      "trainer.global_batch_size=4", "trainer.sft.max_epochs=2", f"run.output_dir={ROOT / 'dpo'}"])
-    train_rl(dpo)
+    for layout in ("dp2", "pp2"):
+        train_rl(compose_rl([*COMMON, *LAYOUTS[layout], "rl.algorithm=dpo", f"rl.dpo.pairs={PAIRS}", "rl.dpo.beta=0.5",
+                             "trainer.global_batch_size=4", "trainer.sft.max_epochs=2",
+                             f"run.output_dir={ROOT / ('dpo_' + layout)}"]))
     results["reference"] = reference_check(learned.adapter_dir)
     # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
     from nemotune.recipes.rl import train_stage
@@ -99,7 +101,7 @@ def main():
     if distributed.is_rank_zero():
         for layout in LAYOUTS:
             results["grpo"][layout] = metrics(ROOT / f"grpo_{layout}")
-        results["dpo"] = metrics(ROOT / "dpo")
+        results["dpo"] = {layout: metrics(ROOT / f"dpo_{layout}") for layout in ("dp2", "pp2")}
         # the logged step sequence of the stopped + rerun TP=2 run: [1, 2, 3] when the rerun resumed at step 2
         results["tp2_logged_steps"] = [json.loads(line)["step"] for line in
                                        (ROOT / "grpo_tp2" / "metrics.jsonl").read_text().splitlines()
