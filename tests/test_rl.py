@@ -217,3 +217,17 @@ def test_three_stage_seed_recipe_runs_sft_sft_grpo(rl_runs):
     assert [Path(a).parts[-4] for a in three["adapters"]] == ["stage1", "stage2", "stage3"]
     for adapter in three["adapters"]:
         assert (Path(adapter) / "adapter_config.json").is_file()
+
+
+def test_the_rl_adapter_exports_like_an_sft_one(rl_runs, tmp_path):
+    from safetensors import safe_open
+
+    from nemotune.converters.export import main as export
+
+    grpo_adapter = rl_runs["three_stage"]["adapters"][-1]
+    assert export(["hf-peft", "--adapter", grpo_adapter, "--out", str(tmp_path / "peft")]) == 0
+    assert export(["nemo", "--adapter", grpo_adapter, "--out", str(tmp_path / "lora.nemo")]) == 0
+    with safe_open(str(tmp_path / "peft" / "adapter_model.safetensors"), framework="pt") as f:
+        keys = list(f.keys())
+    assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
+    assert (tmp_path / "lora.nemo").stat().st_size > 0
