@@ -98,32 +98,39 @@ def train_rl(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "r
         hf = hf_config_of(cfg)
         tokenizer = model_tokenizer(cfg, hf)
         val_samples = load_samples(cfg, cfg.trainer.validation_split, tokenizer)
+        pairs_file = Path(cfg.rl.dpo.pairs) if cfg.rl.dpo.pairs else None
         if algorithm == "grpo":
             train_items = load_prompts(formats.messages_path(cfg.data.output_dir, cfg.trainer.train_split), tokenizer,
                                        cfg.rl.grpo.thinking)
-            longest = max(len(p.ids) for p in train_items) + cfg.rl.grpo.max_new_tokens
-        else:
-            train_items = load_pairs(cfg.rl.dpo.pairs, tokenizer)
-            longest = max(len(s.input_ids) for pair in train_items for s in pair)
-        # pipeline micro-batches share one shape: the longest prompt + completion, pair or validation example
-        seq_len = max([longest] + [len(s.input_ids) for s in val_samples])
-        plan = step_plan(cfg, len(train_items))
+        elif pairs_file is not None:
+            train_items = load_pairs(str(pairs_file), tokenizer)
+        else:  # pairs of a split: its prompts now, their pairs once the starting policy has answered them
+            train_items = load_prompts(formats.messages_path(cfg.data.output_dir, cfg.rl.dpo.pairs_split), tokenizer)
+            pairs_file = run_dir / f"dpo_pairs_{cfg.rl.dpo.pairs_split}.jsonl"
+        step_plan(cfg, len(train_items))  # enough prompts or pairs for one global batch, before any weights load
         # 3. model: base weights frozen, LoRA adapters trainable (from the SFT adapter with peft.restore_from)
         model = build_lora_model(cfg, hf)
-        # 4. DDP, optimizer, LR schedule over the planned steps
+        # 4. DDP, optimizer
         model_chunks, optimizer = wrap_for_training(cfg, model)
         checkpointer = Checkpointer(run_dir / "checkpoints", adapter_config=adapter_config(cfg, hf),
                                     base_reference=base_reference(cfg, run_dir), save_top_k=cfg.trainer.save_top_k,
                                     resume=cfg.run.resume_if_exists, resume_from=cfg.run.resume_from)
+        common = dict(cfg=cfg, model=model_chunks, optimizer=optimizer, val_samples=val_samples,
+                      pad_id=pad_id_of(tokenizer), hf_config=hf, run_dir=run_dir, checkpointer=checkpointer,
+                      stage=stage, step_offset=step_offset, tokenizer=tokenizer)
+        if algorithm == "dpo" and not cfg.rl.dpo.pairs:
+            train_items = split_pairs(cfg, common, train_items, pairs_file, tokenizer)
+        # pipeline micro-batches share one shape: the longest prompt + completion, pair or validation example
+        longest = max(len(p.ids) for p in train_items) + cfg.rl.grpo.max_new_tokens if algorithm == "grpo" else \
+            max(len(s.input_ids) for pair in train_items for s in pair)
+        seq_len = max([longest] + [len(s.input_ids) for s in val_samples])
+        plan = step_plan(cfg, len(train_items))
         fingerprint = data_fingerprint(cfg, cfg.trainer.train_split) if algorithm == "grpo" else \
-            _file_sha256(cfg.rl.dpo.pairs)
-        common = dict(cfg=cfg, model=model_chunks, optimizer=optimizer,
-                      scheduler=build_scheduler(cfg, optimizer, plan.max_steps), train_samples=train_items,
-                      val_samples=val_samples, pad_id=pad_id_of(tokenizer), seq_length=seq_len, hf_config=hf,
-                      run_dir=run_dir, checkpointer=checkpointer, stage=stage, step_offset=step_offset,
-                      preemption=PreemptionHandler(), data_fingerprint=fingerprint)
+            _file_sha256(pairs_file)
+        common.update(scheduler=build_scheduler(cfg, optimizer, plan.max_steps), train_samples=train_items,
+                      seq_length=seq_len, preemption=PreemptionHandler(), data_fingerprint=fingerprint)
         if algorithm == "grpo":
-            trainer = GRPOTrainer(prompts=train_items, tokenizer=tokenizer, grpo=cfg.rl.grpo,
+            trainer = GRPOTrainer(prompts=train_items, grpo=cfg.rl.grpo,
                                   rewards=Rewards(OmegaConf.to_container(cfg.rl.grpo.rewards, resolve=True)), **common)
         else:
             trainer = DPOTrainer(dpo=cfg.rl.dpo, **common)
@@ -148,6 +155,28 @@ def train_rl(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: str = "r
                        steps=state.step, finished=trainer.finished, last_val_loss=state.last_val_loss)
 
 
+def split_pairs(cfg: DictConfig, common: dict, prompts: list, pairs_file: Path, tokenizer) -> list:
+    """DPO pairs of rl.dpo.pairs_split: chosen = the reference answer, rejected = the starting policy's greedy answer.
+    Generated once into the run dir (rank 0 writes it atomically) and read back by every rank; a rerun or a
+    resume reuses the file, so the pairs and their order never change within a run."""
+    import torch
+
+    from nemotune.recipes.engine import distributed
+    from nemotune.recipes.engine.rl import DPOTrainer, load_pairs, write_split_pairs
+
+    if not pairs_file.is_file():
+        answerer = DPOTrainer(dpo=cfg.rl.dpo, scheduler=None, train_samples=prompts, seq_length=0, log_metrics=False,
+                              **common)
+        answers = answerer.greedy_answers(prompts, cfg.rl.dpo.max_new_tokens)
+        if distributed.is_rank_zero():
+            written, left_out = write_split_pairs(pairs_file, prompts, answers)
+            distributed.print_rank_zero(f"rl.dpo.pairs_split={cfg.rl.dpo.pairs_split}: {written} pairs (reference vs "
+                                        f"the model's greedy answer) in {pairs_file}; {left_out} left out (empty or "
+                                        f"equal answers)")
+        torch.distributed.barrier()
+    return load_pairs(str(pairs_file), tokenizer)
+
+
 def train_stage(cfg: DictConfig, *, run_dir: Path, stage: str, step_offset: int = 0):
     """One stage of a multi-stage experiment: supervised (rl.algorithm=sft, `nemotune train`'s loop) or RL."""
     if cfg.rl.algorithm == "sft":
@@ -157,7 +186,7 @@ def train_stage(cfg: DictConfig, *, run_dir: Path, stage: str, step_offset: int 
     return train_rl(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
 
 
-def _file_sha256(path: str) -> str:
+def _file_sha256(path) -> str:
     import hashlib
 
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()

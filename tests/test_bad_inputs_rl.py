@@ -28,6 +28,8 @@ CASES = [
     BadInput("pairs_with_empty_rejected", (*DPO, "rl.dpo.pairs={empty_rejected}"),
              ("rl.dpo.pairs={empty_rejected} line 1", "empty 'rejected'"), guard=("{empty_rejected}",)),
     BadInput("pairs_file_missing", (*DPO, "rl.dpo.pairs={missing}"), ("rl.dpo.pairs={missing}", "no such file")),
+    BadInput("pairs_split_missing", (*DPO, "rl.dpo.pairs_split=train"),
+             ("rl.dpo.pairs_split=train", "has no train.messages.jsonl", "eval, rl, sft")),
     BadInput("unknown_rl_key", (*RL, "rl.grpo.num_generation=4"),
              ("rl.grpo.num_generation", "did you mean rl.grpo.num_generations")),
     BadInput("rl_stages_under_nemotune_train", ("nemotune.recipes.lora_sft", "experiment=tiny_three_stage", *RL[1:]),

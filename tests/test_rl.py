@@ -191,6 +191,18 @@ def test_dpo_drives_preference_accuracy_up_alike_at_tp1_and_pp2(rl_runs):
             assert pp2[step][key] == pytest.approx(steps[step][key], abs=1e-5), (step, key)
 
 
+def test_dpo_pairs_from_a_split_pair_each_reference_with_the_models_own_answer(rl_runs, tiny_assets):
+    from nemotune.data_prep import formats
+
+    split = formats.load_messages(formats.messages_path(tiny_assets["prep"], "rl"))
+    references = {row["messages"][-1]["content"] for row in split}
+    pairs = rl_runs["dpo_split"]["pairs"]
+    assert len(pairs) == len(split)  # no answer of the random model is empty or equal to its reference
+    assert all(p["chosen"] in references and p["rejected"].strip() and p["rejected"] != p["chosen"] for p in pairs)
+    assert all(p["messages"][-1]["role"] == "user" for p in pairs)
+    assert rl_runs["dpo_split"]["metrics"]["1"]["dpo/accuracy"] == 0.5
+
+
 def test_adapter_off_reference_equals_the_base_model(rl_runs):
     assert rl_runs["reference"]["adapter_off_vs_base"] == 0.0
     assert rl_runs["reference"]["adapter_on_vs_base"] > 1e-3  # the trained adapter does change the log-probs

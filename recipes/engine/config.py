@@ -480,6 +480,10 @@ class GRPOConfig:
 class DPOConfig:
     # JSONL rows: `prompt` (text) or `messages` (chat turns before the answer), `chosen`, `rejected`
     pairs: Optional[str] = None
+    # or pairs built from a prepared split: chosen = its reference answer, rejected = the starting policy's greedy
+    # answer (generated once, stored in the run dir as dpo_pairs_<split>.jsonl and reused on resume)
+    pairs_split: Optional[str] = None
+    max_new_tokens: int = 256  # of the greedy answers of pairs_split
     beta: float = 0.1
     label_smoothing: float = 0.0  # conservative DPO (Mitchell 2023): the probability the label is flipped
 
@@ -546,9 +550,14 @@ def rl_problems(cfg: DictConfig, *, check_files: bool = True) -> List[str]:
             problems.append(f"rl.dpo.beta={d.beta}: must be > 0")
         if not 0 <= d.label_smoothing < 0.5:
             problems.append(f"rl.dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5)")
-        if not d.pairs:
-            problems.append("rl.dpo.pairs: not set; name a JSONL file of {prompt|messages, chosen, rejected} rows")
-        elif check_files:
+        if d.pairs and d.pairs_split:
+            problems.append(f"rl.dpo.pairs={d.pairs} and rl.dpo.pairs_split={d.pairs_split}: set one of them")
+        elif not d.pairs and not d.pairs_split:
+            problems.append("rl.dpo.pairs: not set; name a JSONL file of {prompt|messages, chosen, rejected} rows, "
+                            "or set rl.dpo.pairs_split=<prepared split> to pair its answers with the model's own")
+        if d.pairs_split and d.max_new_tokens < 1:
+            problems.append(f"rl.dpo.max_new_tokens={d.max_new_tokens}: must be >= 1")
+        if d.pairs and check_files:
             from nemotune.recipes.engine.rl import pair_problems
 
             problems += pair_problems(d.pairs)
@@ -569,4 +578,10 @@ def rl_data_problems(cfg: DictConfig, overrides: Sequence[str] = ()) -> List[str
         if not problems and not path.is_file():
             problems.append(f"trainer.train_split={split}: {cfg.data.output_dir} has no {path.name} "
                             f"(the prompts); rerun `{prep_command(overrides)}`")
+    for split in dict.fromkeys(s.rl.dpo.pairs_split for s in stages if s.rl.algorithm == "dpo" and s.rl.dpo.pairs_split):
+        path = formats.messages_path(cfg.data.output_dir, split)
+        if not problems and not path.is_file():
+            have = sorted(p.name.split(".")[0] for p in Path(cfg.data.output_dir).glob("*.messages.jsonl"))
+            problems.append(f"rl.dpo.pairs_split={split}: {cfg.data.output_dir} has no {path.name}; it has the "
+                            f"splits {', '.join(have) or 'none'}; use one of them or rerun `{prep_command(overrides)}`")
     return problems

@@ -125,6 +125,7 @@ class Prompt:
     ids: List[int]
     reference: str
     text: str
+    messages: list  # the conversation before the reference answer
 
 
 def load_prompts(messages_file: Path, tokenizer, thinking: Optional[str] = None) -> List[Prompt]:
@@ -137,10 +138,10 @@ def load_prompts(messages_file: Path, tokenizer, thinking: Optional[str] = None)
     for row in formats.load_messages(messages_file):
         messages = row["messages"] if isinstance(row, dict) and "messages" in row else row
         reference = messages[-1]["content"] if messages and messages[-1]["role"] == "assistant" else ""
-        text = tokenizer.apply_chat_template(prompt_messages(messages, thinking), tokenize=False,
-                                             add_generation_prompt=True)
+        before = prompt_messages(messages, thinking)
+        text = tokenizer.apply_chat_template(before, tokenize=False, add_generation_prompt=True)
         prompts.append(Prompt(ids=tokenizer(text, add_special_tokens=False)["input_ids"], reference=reference,
-                              text=text))
+                              text=text, messages=before))
     return prompts
 
 
@@ -204,6 +205,19 @@ def load_pairs(path: str, tokenizer) -> List[tuple]:
     return pairs
 
 
+def write_split_pairs(path: Path, prompts: Sequence[Prompt], answers: Sequence[str]) -> tuple:
+    """DPO pairs of a split, written atomically (temp + rename): chosen = the reference answer, rejected = the
+    model's own answer; a prompt whose answer is empty or equals the reference is left out. (written, left out)"""
+    import os
+
+    rows = [{"messages": p.messages, "chosen": p.reference, "rejected": a} for p, a in zip(prompts, answers)
+            if a.strip() and p.reference.strip() and a.strip() != p.reference.strip()]
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    tmp.rename(path)
+    return len(rows), len(prompts) - len(rows)
+
+
 # ---- sampling -------------------------------------------------------------------------------------------------
 
 def sample_tokens(logits: torch.Tensor, top_p: float, generator: torch.Generator) -> torch.Tensor:
@@ -230,7 +244,13 @@ def sampling_generator(seed: int, step: int, prompt_index: int) -> torch.Generat
 # ---- trainers -------------------------------------------------------------------------------------------------
 
 class _RLTrainer(SupervisedTrainer):
-    """What GRPO and DPO share: a schedule run with a per-micro-batch loss, and the log-prob passes."""
+    """What GRPO and DPO share: a schedule run with a per-micro-batch loss, the log-prob passes, generation."""
+
+    def __init__(self, *, tokenizer, **kwargs):
+        super().__init__(**kwargs)
+        self.tokenizer = tokenizer
+        eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
+        self.stop_ids = sorted(t for t in eos if isinstance(t, int) and 0 <= t < len(tokenizer))
 
     def _rl_forward_step(self, loss_fn, logits_only, data_iterator, model):
         batch = next(data_iterator)
@@ -292,6 +312,71 @@ class _RLTrainer(SupervisedTrainer):
         torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
         return total.tolist()
 
+    # ---- generation on the Megatron model (any TP / PP layout) ----
+    @torch.no_grad()
+    def _next_token_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+        batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens)}
+        outs = self._rl_schedule([batch], True, logits_only=True)
+        if not outs:
+            return None
+        last = outs[0]["logits"][:, -1, :].contiguous()  # [rows, V / TP]
+        return gather_from_tensor_model_parallel_region(last).float()
+
+    @torch.no_grad()
+    def generate(self, prompt_ids: List[int], rows: int, max_new_tokens: int, choose) -> dict:
+        """`rows` completions of one prompt: `choose(logits [rows, V]) -> token ids` on the last pipeline stage,
+        broadcast to the others. Returns the token ids (each up to and including its stop token) and the sum
+        of the per-token entropies of the distributions they were drawn from (last stage; 0 elsewhere)."""
+        from megatron.core import parallel_state
+
+        device = distributed.device()
+        tokens = torch.tensor([list(prompt_ids)] * rows, dtype=torch.long, device=device)
+        done = torch.zeros(rows, dtype=torch.bool)
+        lengths = torch.zeros(rows, dtype=torch.long)
+        entropy_sum = 0.0
+        stop = torch.tensor(self.stop_ids, dtype=torch.long)
+        for _ in range(max_new_tokens):
+            logits = self._next_token_logits(tokens)
+            if logits is not None:
+                next_tokens = choose(logits)
+                logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+                entropy_sum += float((-(logp.exp() * logp).sum(-1) * (~done)).sum())
+            else:
+                next_tokens = torch.zeros(rows, dtype=torch.long)
+            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                next_tokens = next_tokens.to(device)
+                torch.distributed.broadcast(next_tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                            group=parallel_state.get_pipeline_model_parallel_group())
+            next_tokens = next_tokens.cpu()
+            lengths += (~done).long()
+            done |= torch.isin(next_tokens, stop)
+            tokens = torch.cat([tokens, next_tokens.to(device)[:, None]], dim=1)
+            if bool(done.all()):
+                break
+        start = len(prompt_ids)
+        return {"completions": [tokens[i, start:start + int(lengths[i])].tolist() for i in range(rows)],
+                "entropy_sum": entropy_sum}
+
+    def greedy_answers(self, prompts: Sequence[Prompt], max_new_tokens: int) -> List[str]:
+        """The current policy's greedy answer to every prompt (each data-parallel rank answers its share)."""
+        from megatron.core import parallel_state
+
+        for chunk in self.model:
+            chunk.eval()
+        mine = np.array_split(np.arange(len(prompts)), self.dp_size)[self.dp_rank]
+        answers = {}
+        for i in mine:
+            out = self.generate(prompts[int(i)].ids, 1, max_new_tokens, lambda logits: logits.argmax(-1).cpu())
+            answers[int(i)] = self.tokenizer.decode(out["completions"][0], skip_special_tokens=True).strip()
+        gathered = [None] * self.dp_size
+        torch.distributed.all_gather_object(gathered, answers, group=parallel_state.get_data_parallel_group())
+        for chunk in self.model:
+            chunk.train()
+        merged = {k: v for part in gathered for k, v in part.items()}
+        return [merged[i] for i in range(len(prompts))]
+
     def _collate(self, samples: Sequence[batches.Sample]) -> dict:
         return batches.collate(list(samples), self.pad_id, pad_to=self.seq_length if self.pipeline else 0)
 
@@ -310,59 +395,17 @@ class GRPOTrainer(_RLTrainer):
     """`train_samples` are the prompts' answer-token samples (their count and order drive the step plan);
     `prompts` the generation prompts in the same order."""
 
-    def __init__(self, *, prompts: Sequence[Prompt], rewards, tokenizer, grpo, **kwargs):
+    def __init__(self, *, prompts: Sequence[Prompt], rewards, grpo, **kwargs):
         super().__init__(**kwargs)
-        self.prompts, self.rewards, self.tokenizer, self.grpo = list(prompts), rewards, tokenizer, grpo
-        eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
-        self.stop_ids = sorted(t for t in eos if isinstance(t, int) and 0 <= t < len(tokenizer))
+        self.prompts, self.rewards, self.grpo = list(prompts), rewards, grpo
 
     # ---- rollout ----
-    @torch.no_grad()
-    def _next_token_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
-        from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-        batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens)}
-        outs = self._rl_schedule([batch], True, logits_only=True)
-        if not outs:
-            return None
-        last = outs[0]["logits"][:, -1, :].contiguous()  # [rows, V / TP]
-        return gather_from_tensor_model_parallel_region(last).float()
-
     def rollout(self, prompt_index: int, step: int) -> dict:
-        """G completions of one prompt: token ids (each up to and including its stop token), entropy sum."""
-        from megatron.core import parallel_state
-
+        """G completions of one prompt sampled from the current policy (temperature applied by the caller)."""
         g = self.grpo
-        prompt = self.prompts[prompt_index]
-        device = distributed.device()
-        tokens = torch.tensor([prompt.ids] * g.num_generations, dtype=torch.long, device=device)
         generator = sampling_generator(self.cfg.run.seed, step, prompt_index)
-        done = torch.zeros(g.num_generations, dtype=torch.bool)
-        lengths = torch.zeros(g.num_generations, dtype=torch.long)
-        entropy_sum = 0.0
-        stop = torch.tensor(self.stop_ids, dtype=torch.long)
-        for _ in range(g.max_new_tokens):
-            logits = self._next_token_logits(tokens)
-            if logits is not None:
-                next_tokens = sample_tokens(logits, g.top_p, generator)
-                logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-                entropy = -(logp.exp() * logp).sum(-1)
-                entropy_sum += float((entropy * (~done)).sum())
-            else:
-                next_tokens = torch.zeros(g.num_generations, dtype=torch.long)
-            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-                next_tokens = next_tokens.to(device)
-                torch.distributed.broadcast(next_tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=parallel_state.get_pipeline_model_parallel_group())
-                next_tokens = next_tokens.cpu()
-            lengths += (~done).long()
-            done |= torch.isin(next_tokens, stop)
-            tokens = torch.cat([tokens, next_tokens.to(device)[:, None]], dim=1)
-            if bool(done.all()):
-                break
-        completions = [tokens[i, len(prompt.ids):len(prompt.ids) + int(lengths[i])].tolist()
-                       for i in range(g.num_generations)]
-        return {"completions": completions, "entropy_sum": entropy_sum}
+        return self.generate(self.prompts[prompt_index].ids, g.num_generations, g.max_new_tokens,
+                             lambda logits: sample_tokens(logits, g.top_p, generator))
 
     def _group_samples(self, prompt: Prompt, completions: List[List[int]]) -> List[batches.Sample]:
         """Prompt + completion rows whose label-aligned mask covers exactly the generated tokens."""

@@ -7,6 +7,7 @@ Writes, from rank 0:
                   into the same run dir), so it checks the layout and the resume at once
   grpo.pp2        the same at PP=2 for PARITY_STEPS steps
   dpo.dp2, pp2    DPO on the toy pairs at TP=1 and PP=2: per-step preference accuracy, margin, loss
+  dpo_split       DPO on pairs built from the rl split (its rows and the first step's metrics)
   three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
   reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
                   adapter-on model vs the base: it must differ, or the check could not fail)
@@ -87,6 +88,11 @@ def main():
         train_rl(compose_rl([*COMMON, *LAYOUTS[layout], "rl.algorithm=dpo", f"rl.dpo.pairs={PAIRS}", "rl.dpo.beta=0.5",
                              "trainer.global_batch_size=4", "trainer.sft.max_epochs=2",
                              f"run.output_dir={ROOT / ('dpo_' + layout)}"]))
+    # DPO pairs built from the rl split: the reference answer vs the starting policy's greedy answer
+    split_run = ROOT / "dpo_split"
+    train_rl(compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", "rl.dpo.pairs_split=rl",
+                         "rl.dpo.max_new_tokens=4", "trainer.global_batch_size=4", "trainer.sft.max_steps=1",
+                         f"run.output_dir={split_run}"]))
     results["reference"] = reference_check(learned.adapter_dir)
     # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
     from nemotune.recipes.rl import train_stage
@@ -102,6 +108,9 @@ def main():
         for layout in LAYOUTS:
             results["grpo"][layout] = metrics(ROOT / f"grpo_{layout}")
         results["dpo"] = {layout: metrics(ROOT / f"dpo_{layout}") for layout in ("dp2", "pp2")}
+        results["dpo_split"] = {"pairs": [json.loads(line) for line in
+                                          (split_run / "dpo_pairs_rl.jsonl").read_text().splitlines()],
+                                "metrics": metrics(split_run)}
         # the logged step sequence of the stopped + rerun TP=2 run: [1, 2, 3] when the rerun resumed at step 2
         results["tp2_logged_steps"] = [json.loads(line)["step"] for line in
                                        (ROOT / "grpo_tp2" / "metrics.jsonl").read_text().splitlines()
