@@ -178,6 +178,48 @@ def test_grpo_stopped_and_rerun_resumes_with_the_same_rewards(rl_runs):
     assert rl_runs["tp2_logged_steps"] == [1, 2, 3]
 
 
+def test_grpo_killed_mid_run_and_rerun_reproduces_rewards_and_losses(rl_runs, tiny_assets, tmp_path):
+    """The 8-step GRPO run of the 2-rank launch, alone in one process, checkpointing every 2 steps: SIGKILL once
+    step 2 is saved, rerun the same command: every step's loss, reward and KL equal the uninterrupted run's."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO, run_module
+
+    run = tmp_path / "run"
+    args = [*rl_runs["grpo_dp2_overrides"], f"run.output_dir={run}", "trainer.sft.val_check_interval=2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "PYTHONPATH": str(DIST),
+           "RL_TEST_BASE": str(tiny_assets["base"])}
+    proc = subprocess.Popen([sys.executable, "-m", "nemotune.recipes.rl", *args], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    def saved_step_2():  # a complete checkpoint at step 2 or later (older ones may be rotated away)
+        return any(p.name >= "step0000002" for p in (run / "checkpoints").glob("step*"))
+
+    while not saved_step_2() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    if proc.poll() is None:
+        os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert proc.returncode == -signal.SIGKILL and max(logged) < 8, logged  # killed mid-run, not after it
+    rerun = run_module("nemotune.recipes.rl", *args, env={"PYTHONPATH": str(DIST),
+                                                          "RL_TEST_BASE": str(tiny_assets["base"])})
+    assert "resumed from" in rerun.stdout
+    resumed, uninterrupted = {}, rl_runs["grpo"]["dp2"]
+    for line in (run / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            resumed[str(row["step"])] = row
+    assert sorted(resumed, key=int) == [str(s) for s in range(1, 9)]
+    for step, row in resumed.items():
+        for key in ("train/loss", "rl/reward_mean", "rl/kl"):
+            assert row[key] == pytest.approx(uninterrupted[step][key], abs=1e-5), (step, key)
+
+
 def test_dpo_drives_preference_accuracy_up_alike_at_tp1_and_pp2(rl_runs):
     steps = rl_runs["dpo"]["dp2"]
     accuracy = [steps[str(s)]["dpo/accuracy"] for s in range(1, len(steps) + 1)]

@@ -46,10 +46,13 @@ def metrics(run_dir: Path) -> dict:
     return out
 
 
+def grpo_overrides(layout: str, steps: int) -> list:
+    return [*COMMON, *GRPO, *LAYOUTS[layout], f"trainer.sft.max_steps={steps}"]
+
+
 def grpo(layout: str, steps: int, extra=()):
-    cfg = compose_rl([*COMMON, *GRPO, *LAYOUTS[layout], f"run.output_dir={ROOT / ('grpo_' + layout)}",
-                      f"trainer.sft.max_steps={steps}", *extra])
-    return train_rl(cfg)
+    return train_rl(compose_rl([*grpo_overrides(layout, steps), f"run.output_dir={ROOT / ('grpo_' + layout)}",
+                                *extra]))
 
 
 def reference_check(adapter_dir) -> dict:
@@ -105,6 +108,7 @@ def main():
     results["three_stage"] = {"adapters": [str(r.adapter_dir) for r in stages], "steps": [r.steps for r in stages],
                               "finished": [r.finished for r in stages]}
     if distributed.is_rank_zero():
+        results["grpo_dp2_overrides"] = grpo_overrides("dp2", LEARN_STEPS)  # the SIGKILL test reruns it alone
         for layout in LAYOUTS:
             results["grpo"][layout] = metrics(ROOT / f"grpo_{layout}")
         results["dpo"] = {layout: metrics(ROOT / f"dpo_{layout}") for layout in ("dp2", "pp2")}
