@@ -285,3 +285,17 @@ def test_the_rl_adapter_exports_like_an_sft_one(rl_runs, tmp_path):
         keys = list(f.keys())
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     assert (tmp_path / "lora.nemo").stat().st_size > 0
+
+
+def test_three_stage_launches_as_dependent_slurm_jobs_of_nemotune_rl(tiny_assets):
+    from conftest import run_module
+
+    out = run_module("nemotune.recipes.launch", "--config-name", "rl", "experiment=tiny_three_stage", "cluster=slurm",
+                     "cluster.module=nemotune.recipes.rl", "cluster.partition=p", "cluster.nproc_per_node=1",
+                     "cluster.gpus_per_node=1", f"model.hf_path={tiny_assets['base']}",
+                     f"model.checkpoint={tiny_assets['mcore']}", f"data.output_dir={tiny_assets['prep']}",
+                     "--dry-run").stdout
+    assert "--dependency=afterok:<job id of nemotune-tiny_three_stage-stage1>" in out
+    assert "--dependency=afterok:<job id of nemotune-tiny_three_stage-stage2>" in out
+    for stage in ("stage1", "stage2", "stage3"):
+        assert "-m nemotune.recipes.rl" in out and f"run.stage={stage}" in out
