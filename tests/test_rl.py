@@ -134,6 +134,22 @@ def test_rl_config_refuses_every_problem_at_once():
     assert rl_problems(compose_rl([])) == []
 
 
+def test_pair_problems_name_every_bad_line(tmp_path):
+    from nemotune.recipes.engine.rl import pair_problems
+
+    rows = [json.dumps({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                        "chosen": "x", "rejected": "y"}), "not json",
+            json.dumps({"prompt": "q", "chosen": "same", "rejected": "same"}),
+            json.dumps({"prompt": "", "chosen": "x", "rejected": "y"}),
+            json.dumps({"prompt": "q", "chosen": "fine", "rejected": "also fine"})]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    problems = pair_problems(str(path))
+    assert [p.split(": ", 1)[0].rsplit(" ", 1)[-1] for p in problems] == ["1", "2", "3", "4"]
+    assert "its last turn is assistant" in problems[0] and "not a JSON object" in problems[1]
+    assert "the same text" in problems[2] and "no prompt" in problems[3]
+
+
 # ---- training on the tiny model (one 2-rank launch) -----------------------------------------------------------
 
 TOY_PAIRS = [{"prompt": f"Question {i}: should I keep an emergency fund?",

@@ -178,6 +178,9 @@ def pair_problems(path: str) -> List[str]:
                     isinstance(m, dict) and m.get("role") in ("system", "user", "assistant")
                     and isinstance(m.get("content"), str) for m in prompt)):
                 problems.append(f"{where}: `messages` must be a list of {{role, content}} turns")
+            elif "messages" in row and prompt[-1]["role"] != "user":
+                problems.append(f"{where}: `messages` must end with a user turn (the answers are `chosen` and "
+                                f"`rejected`); its last turn is {prompt[-1]['role']}")
             for key in ("chosen", "rejected"):
                 value = row.get(key)
                 if not isinstance(value, str) or not value.strip():
