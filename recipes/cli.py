@@ -1,7 +1,8 @@
 """`nemotune <verb> ...`: one entry point dispatching to each folder's own main.
 
 Every verb also runs as a module: prep = python -m nemotune.data_prep, convert = python -m nemotune.converters.convert,
-export = python -m nemotune.converters.export, train = python -m nemotune.recipes.lora_sft, eval = python -m nemotune.recipes.evaluate,
+export = python -m nemotune.converters.export, train = python -m nemotune.recipes.lora_sft,
+rl = python -m nemotune.recipes.rl, eval = python -m nemotune.recipes.evaluate,
 launch = python -m nemotune.recipes.launch, demo = python -m nemotune.recipes.demo.
 """
 
@@ -15,6 +16,7 @@ VERBS = {
     "convert": ("nemotune.converters.convert", "HF <-> Megatron checkpoint <-> .nemo, and verify logits"),
     "export": ("nemotune.converters.export", "LoRA adapter -> HF PEFT / NeMo .nemo / merged; full model -> HF / .nemo"),
     "train": ("nemotune.recipes.lora_sft", "LoRA or full-parameter SFT on megatron-core (single or multi-stage)"),
+    "rl": ("nemotune.recipes.rl", "RL after SFT on the LoRA policy: GRPO on the rl split, or DPO on pairs"),
     "eval": ("nemotune.recipes.evaluate", "base vs LoRA on the held-out split: loss, generation, metrics"),
     "launch": ("nemotune.recipes.launch", "run training with torchrun locally or submit it to Slurm"),
     "plan": ("nemotune.recipes.plan", "per-GPU memory by part and step time of a config; layouts that fit N GPUs"),

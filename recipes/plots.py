@@ -31,6 +31,9 @@ PLOTS = (
     PlotSpec("lr.png", "Learning-rate schedule", "learning rate", (("train/lr", "lr"),)),
     PlotSpec("throughput.png", "Throughput", "tokens / s / GPU",
              (("train/tokens_per_sec_per_gpu", "tokens/s/GPU"),)),
+    PlotSpec("reward.png", "GRPO reward", "mean reward", (("rl/reward_mean", "reward"),)),
+    PlotSpec("kl.png", "GRPO KL to the reference", "KL per token", (("rl/kl", "KL"),)),
+    PlotSpec("dpo.png", "DPO preference accuracy", "accuracy", (("dpo/accuracy", "accuracy"),)),
 )
 
 

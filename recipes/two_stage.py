@@ -20,14 +20,19 @@ from typing import List
 from omegaconf import DictConfig
 
 from nemotune.recipes.engine import distributed
-from nemotune.recipes.engine.config import ConfigError, apply_overrides, validate
+from nemotune.recipes.engine.config import ConfigError, apply_overrides, compose_error, validate
 
 
 def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
     """(name, config) per stage, validated together before anything runs."""
     out = []
     for stage in cfg.stages:
-        stage_cfg = apply_overrides(cfg, dict(stage.overrides))
+        try:
+            stage_cfg = apply_overrides(cfg, dict(stage.overrides))
+        except Exception as err:  # omegaconf: a key the schema lacks, a value of the wrong type
+            rl = " (stages with rl.* keys run with `nemotune rl`)" if any(
+                str(k).startswith("rl.") for k in stage.overrides) else ""
+            raise ConfigError([f"stages[{stage.name}].overrides: {compose_error(err)}{rl}"]) from None
         stage_cfg.stages = []
         validate(stage_cfg)
         if out and out[-1][1].peft.peft_scheme == "lora" and stage_cfg.peft.peft_scheme == "none":
@@ -49,10 +54,13 @@ def continue_from(stage_cfg: DictConfig, previous: Path, previous_scheme: str) -
     return str(stage_cfg.peft.restore_from)
 
 
-def run_stages(cfg: DictConfig) -> list:
-    """Every stage in order, or only `run.stage` (a dependent Slurm job per stage)."""
+def run_stages(cfg: DictConfig, train=None) -> list:
+    """Every stage in order, or only `run.stage` (a dependent Slurm job per stage). `train(stage_cfg, run_dir=,
+    stage=, step_offset=)` trains one stage: LoRA SFT by default (`nemotune rl` passes one that also runs RL)."""
     from nemotune.recipes.engine.checkpointing import complete_checkpoints, read_state
-    from nemotune.recipes.lora_sft import train
+
+    if train is None:
+        from nemotune.recipes.lora_sft import train
 
     root = Path(cfg.run.output_dir)
     results, summary, previous, previous_scheme, step_offset = [], [], None, "lora", 0

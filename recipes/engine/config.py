@@ -471,3 +471,144 @@ def _dot(value: Any) -> str:
 
         return json.dumps(value)
     return "null" if value is None else str(value)
+
+
+# ---- RL after SFT (`nemotune rl`, recipes/rl.py): GRPO and DPO on the same LoRA policy ------------------------
+
+# sft: a supervised stage of a multi-stage `nemotune rl` experiment (the SFT trainer, e.g. before GRPO)
+RL_ALGORITHMS = ("grpo", "dpo", "sft")
+
+
+@dataclass
+class RewardSpec:
+    # a built-in reward (nemotune.recipes.engine.rewards.BUILTIN) or a user function `package.module:function`
+    name: str = "rouge_l"
+    weight: float = 1.0
+
+
+@dataclass
+class GRPOConfig:
+    num_generations: int = 4  # G completions per prompt: the group whose mean and std normalise the advantage
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    clip_eps: float = 0.2  # PPO clip range of the probability ratio
+    kl_coef: float = 0.04  # weight of the KL to the reference (the same model with the adapter off); 0 = none
+    steps_per_rollout: int = 1  # optimisation steps on each rollout batch (> 1: the ratio leaves 1 and clips)
+    thinking: Optional[str] = None  # on / off: Nemotron's "detailed thinking on|off" system prompt; null = as prepared
+    rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+
+
+@dataclass
+class DPOConfig:
+    # JSONL rows: `prompt` (text) or `messages` (chat turns before the answer), `chosen`, `rejected`
+    pairs: Optional[str] = None
+    # or pairs built from a prepared split: chosen = its reference answer, rejected = the starting policy's greedy
+    # answer (generated once, stored in the run dir as dpo_pairs_<split>.jsonl and reused on resume)
+    pairs_split: Optional[str] = None
+    max_new_tokens: int = 256  # of the greedy answers of pairs_split
+    beta: float = 0.1
+    label_smoothing: float = 0.0  # conservative DPO (Mitchell 2023): the probability the label is flipped
+
+
+@dataclass
+class RLConfig:
+    algorithm: str = "grpo"
+    grpo: GRPOConfig = field(default_factory=GRPOConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+
+
+@dataclass
+class RLRunConfig(LoraSftConfig):
+    """`nemotune rl`: the SFT schema (the same model, LoRA, optimizer, checkpoints) plus `rl`; prompts come from
+    trainer.train_split (the prepared `rl` split) and the answer-token loss is validated on trainer.validation_split."""
+    trainer: TrainerConfig = field(default_factory=lambda: TrainerConfig(train_split="rl", validation_split="eval"))
+    rl: RLConfig = field(default_factory=RLConfig)
+
+
+SCHEMAS["rl_schema"] = RLRunConfig
+
+
+def rl_problems(cfg: DictConfig, *, check_files: bool = True) -> List[str]:
+    """Every problem of the `rl` section (and what RL needs of the rest), before any process group or weights."""
+    problems: List[str] = []
+    rl = cfg.rl
+    if rl.algorithm not in RL_ALGORITHMS:
+        problems.append(f"rl.algorithm={rl.algorithm}: use one of {', '.join(RL_ALGORITHMS)}")
+    if rl.algorithm == "sft":  # a supervised stage: validate() covers it
+        return problems
+    if cfg.peft.peft_scheme != "lora":
+        problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: `nemotune rl` trains a LoRA policy (its reference "
+                        "is the same model with the adapter switched off); set peft=lora, starting from a full-SFT "
+                        "model with model.checkpoint=<its step dir>")
+    if cfg.parallel.sequence_parallel:
+        problems.append("parallel.sequence_parallel=true: not supported by `nemotune rl` yet; set it to false")
+    if cfg.trainer.micro_batch_size != 1:
+        problems.append(f"trainer.micro_batch_size={cfg.trainer.micro_batch_size}: RL micro-batches hold one "
+                        "prompt's group (GRPO) or one pair (DPO); set it to 1 (trainer.global_batch_size counts "
+                        "prompts or pairs per step)")
+    if cfg.data.packing:
+        problems.append("data.packing=true: RL reads prompts and validation examples unpacked; set data.packing=false")
+    if rl.algorithm == "grpo":
+        g = rl.grpo
+        if g.num_generations < 2:
+            problems.append(f"rl.grpo.num_generations={g.num_generations}: GRPO needs >= 2 completions per prompt "
+                            "(the group's mean is the baseline of each advantage); set it to 2 or more")
+        if g.max_new_tokens < 1:
+            problems.append(f"rl.grpo.max_new_tokens={g.max_new_tokens}: must be >= 1")
+        if g.temperature <= 0:
+            problems.append(f"rl.grpo.temperature={g.temperature}: must be > 0 (sampling explores the group)")
+        if not 0 < g.top_p <= 1:
+            problems.append(f"rl.grpo.top_p={g.top_p}: must be in (0, 1]")
+        if g.clip_eps <= 0:
+            problems.append(f"rl.grpo.clip_eps={g.clip_eps}: must be > 0")
+        if g.kl_coef < 0:
+            problems.append(f"rl.grpo.kl_coef={g.kl_coef}: must be >= 0")
+        if g.steps_per_rollout < 1:
+            problems.append(f"rl.grpo.steps_per_rollout={g.steps_per_rollout}: must be >= 1")
+        if g.thinking not in (None, "on", "off"):
+            problems.append(f"rl.grpo.thinking={g.thinking}: use on, off or null")
+        from nemotune.recipes.engine.rewards import reward_problems
+
+        problems += reward_problems(OmegaConf.to_container(g.rewards, resolve=True))
+    elif rl.algorithm == "dpo":
+        d = rl.dpo
+        if d.beta <= 0:
+            problems.append(f"rl.dpo.beta={d.beta}: must be > 0")
+        if not 0 <= d.label_smoothing < 0.5:
+            problems.append(f"rl.dpo.label_smoothing={d.label_smoothing}: must be in [0, 0.5)")
+        if d.pairs and d.pairs_split:
+            problems.append(f"rl.dpo.pairs={d.pairs} and rl.dpo.pairs_split={d.pairs_split}: set one of them")
+        elif not d.pairs and not d.pairs_split:
+            problems.append("rl.dpo.pairs: not set; name a JSONL file of {prompt|messages, chosen, rejected} rows, "
+                            "or set rl.dpo.pairs_split=<prepared split> to pair its answers with the model's own")
+        if d.pairs_split and d.max_new_tokens < 1:
+            problems.append(f"rl.dpo.max_new_tokens={d.max_new_tokens}: must be >= 1")
+        if d.pairs and check_files:
+            from nemotune.recipes.engine.rl import pair_problems
+
+            problems += pair_problems(d.pairs)
+    return problems
+
+
+def rl_data_problems(cfg: DictConfig, overrides: Sequence[str] = ()) -> List[str]:
+    """The prepared data RL reads: the split's manifest entry and tokenized file (prepared_data_problems) and,
+    for GRPO, the split's chat messages (the prompts and the reference answers)."""
+    from nemotune.data_prep import formats
+
+    if cfg.rl.algorithm == "dpo":  # pairs come from rl.dpo.pairs: only the validation split is read
+        cfg = OmegaConf.merge(cfg, {"trainer": {"train_split": cfg.trainer.validation_split}})
+    problems = prepared_data_problems(cfg, overrides)
+    stages = [apply_overrides(cfg, dict(s.overrides)) for s in cfg.stages] if cfg.stages else [cfg]
+    for split in dict.fromkeys(s.trainer.train_split for s in stages if s.rl.algorithm == "grpo"):
+        path = formats.messages_path(cfg.data.output_dir, split)
+        if not problems and not path.is_file():
+            problems.append(f"trainer.train_split={split}: {cfg.data.output_dir} has no {path.name} "
+                            f"(the prompts); rerun `{prep_command(overrides)}`")
+    for split in dict.fromkeys(s.rl.dpo.pairs_split for s in stages if s.rl.algorithm == "dpo" and s.rl.dpo.pairs_split):
+        path = formats.messages_path(cfg.data.output_dir, split)
+        if not problems and not path.is_file():
+            have = sorted(p.name.split(".")[0] for p in Path(cfg.data.output_dir).glob("*.messages.jsonl"))
+            problems.append(f"rl.dpo.pairs_split={split}: {cfg.data.output_dir} has no {path.name}; it has the "
+                            f"splits {', '.join(have) or 'none'}; use one of them or rerun `{prep_command(overrides)}`")
+    return problems

@@ -449,7 +449,7 @@ class SupervisedTrainer:
             steps_this_process += 1
             self.logger.log(self.state.step, metrics)
             if self.state.step % self.cfg.trainer.log_every_n_steps == 0:
-                distributed.print_rank_zero(format_step_line(self.state.step, self.max_steps, metrics))
+                distributed.print_rank_zero(self.step_line(metrics))
             preempted = self.preemption is not None and self.preemption.should_stop()  # collective
             progress = check_progress(step=self.state.step, max_steps=self.max_steps,
                                       val_interval=self.val_interval, save_interval=self.save_interval,
@@ -473,6 +473,10 @@ class SupervisedTrainer:
         if self.logger is not None:
             self.logger.close()
         return self.state
+
+    def step_line(self, metrics: dict) -> str:
+        """The console line of a step (trainers of other objectives print their own metrics)."""
+        return format_step_line(self.state.step, self.max_steps, metrics)
 
     @property
     def finished(self) -> bool:

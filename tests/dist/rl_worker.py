@@ -1,0 +1,127 @@
+"""2-rank worker for the RL tests (one torchrun launch: imports cost more than the tiny steps).
+
+argv: <out.json> <prepared dir> <converted base dir> <hf base dir> <run root> <dpo pairs.jsonl>
+Writes, from rank 0:
+  grpo.dp2        GRPO at TP=1 (2 data-parallel ranks) for LEARN_STEPS steps: per-step loss, reward, KL, ...
+  grpo.tp2        the same config at TP=2 for PARITY_STEPS steps, stopped after 2 steps and resumed (a rerun
+                  into the same run dir), so it checks the layout and the resume at once
+  grpo.pp2        the same at PP=2 for PARITY_STEPS steps
+  dpo.dp2, pp2    DPO on the toy pairs at TP=1 and PP=2: per-step preference accuracy, margin, loss
+  dpo_split       DPO on pairs built from the rl split (its rows and the first step's metrics)
+  three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
+  reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
+                  adapter-on model vs the base: it must differ, or the check could not fail)
+"""
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from checks import tiny_run
+
+from nemotune.recipes.engine import distributed
+from nemotune.recipes.rl import compose_rl, train_rl
+
+OUT, PREP, BASE_MCORE, BASE_HF, ROOT, PAIRS = sys.argv[1:7]
+ROOT = Path(ROOT)
+LEARN_STEPS, PARITY_STEPS = 8, 3
+COMMON = [*[o for o in tiny_run(PREP, BASE_MCORE, BASE_HF, steps=LEARN_STEPS)
+            if not o.startswith(("trainer.train_split", "trainer.global_batch_size", "trainer.sft.val_check"))],
+          "cluster.nproc_per_node=2", "trainer.global_batch_size=2", "trainer.sft.val_check_interval=100",
+          "trainer.sft.limit_val_batches=1", "trainer.optim.scheduler=constant", "trainer.optim.warmup_steps=0",
+          "trainer.optim.lr=1e-2"]
+GRPO = ["rl.grpo.num_generations=4", "rl.grpo.max_new_tokens=6", "rl.grpo.kl_coef=0.02", "rl.grpo.temperature=0.1",
+        "rl.grpo.rewards=[{name:'rl_rewards:aligned_tokens'}]"]
+LAYOUTS = {"dp2": ["parallel=single"], "tp2": ["parallel=tp2"], "pp2": ["parallel=pp2"]}
+
+
+def metrics(run_dir: Path) -> dict:
+    """{step: row}, the last row of each step winning (a resumed run re-logs the steps after its checkpoint)."""
+    out = {}
+    for line in (run_dir / "metrics.jsonl").read_text().splitlines():
+        row = json.loads(line)
+        if "train/loss" in row:
+            out[row["step"]] = row
+    return out
+
+
+def grpo_overrides(layout: str, steps: int) -> list:
+    return [*COMMON, *GRPO, *LAYOUTS[layout], f"trainer.sft.max_steps={steps}"]
+
+
+def grpo(layout: str, steps: int, extra=()):
+    return train_rl(compose_rl([*grpo_overrides(layout, steps), f"run.output_dir={ROOT / ('grpo_' + layout)}",
+                                *extra]))
+
+
+def reference_check(adapter_dir) -> dict:
+    from nemotune.recipes.engine.builders import build_base_model, build_lora_model, init_from_config
+    from nemotune.recipes.engine.config import hf_config_of
+    from nemotune.recipes.engine.rl import adapter_disabled
+
+    cfg = compose_rl([*COMMON, *GRPO, "parallel=single", f"peft.restore_from={adapter_dir}"])
+    init_from_config(cfg)  # whole models on each rank (the previous run left a PP=2 layout)
+    hf = hf_config_of(cfg)
+    tokens = torch.randint(0, hf["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(24).expand_as(tokens)
+    labels = torch.roll(tokens, -1, dims=1)
+    mask = torch.ones(tokens.shape)
+
+    def logp(model):
+        with torch.no_grad():
+            return -model(tokens, positions, None, labels=labels, loss_mask=mask).float()
+
+    policy, base = build_lora_model(cfg, hf), build_base_model(cfg, hf)
+    with adapter_disabled([policy]):
+        off = logp(policy)
+    on = logp(policy)
+    reference = logp(base)
+    return {"adapter_off_vs_base": (off - reference).abs().max().item(),
+            "adapter_on_vs_base": (on - reference).abs().max().item()}
+
+
+def main():
+    results = {"grpo": {}, "dpo": {}}
+    learned = grpo("dp2", LEARN_STEPS)
+    grpo("tp2", PARITY_STEPS, ["trainer.stop_after_steps=2"])  # stops at step 2 with a checkpoint ...
+    grpo("tp2", PARITY_STEPS)  # ... and the rerun resumes from it
+    grpo("pp2", PARITY_STEPS)
+    for layout in ("dp2", "pp2"):
+        train_rl(compose_rl([*COMMON, *LAYOUTS[layout], "rl.algorithm=dpo", f"rl.dpo.pairs={PAIRS}", "rl.dpo.beta=0.5",
+                             "trainer.global_batch_size=4", "trainer.sft.max_epochs=2",
+                             f"run.output_dir={ROOT / ('dpo_' + layout)}"]))
+    # DPO pairs built from the rl split: the reference answer vs the starting policy's greedy answer
+    split_run = ROOT / "dpo_split"
+    train_rl(compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", "rl.dpo.pairs_split=rl",
+                         "rl.dpo.max_new_tokens=4", "trainer.global_batch_size=4", "trainer.sft.max_steps=1",
+                         f"run.output_dir={split_run}"]))
+    results["reference"] = reference_check(learned.adapter_dir)
+    # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
+    from nemotune.recipes.rl import train_stage
+    from nemotune.recipes.two_stage import run_stages
+
+    three = compose_rl(["experiment=tiny_three_stage", *COMMON[:3], "run.tensorboard=false", "peft.lora.dim=8",
+                        "cluster.nproc_per_node=2", "trainer.sft.max_steps=1", "trainer.sft.limit_val_batches=1",
+                        f"run.output_dir={ROOT / 'three_stage'}"])
+    stages = run_stages(three, train=train_stage)
+    results["three_stage"] = {"adapters": [str(r.adapter_dir) for r in stages], "steps": [r.steps for r in stages],
+                              "finished": [r.finished for r in stages]}
+    if distributed.is_rank_zero():
+        results["grpo_dp2_overrides"] = grpo_overrides("dp2", LEARN_STEPS)  # the SIGKILL test reruns it alone
+        for layout in LAYOUTS:
+            results["grpo"][layout] = metrics(ROOT / f"grpo_{layout}")
+        results["dpo"] = {layout: metrics(ROOT / f"dpo_{layout}") for layout in ("dp2", "pp2")}
+        results["dpo_split"] = {"pairs": [json.loads(line) for line in
+                                          (split_run / "dpo_pairs_rl.jsonl").read_text().splitlines()],
+                                "metrics": metrics(split_run)}
+        # the logged step sequence of the stopped + rerun TP=2 run: [1, 2, 3] when the rerun resumed at step 2
+        results["tp2_logged_steps"] = [json.loads(line)["step"] for line in
+                                       (ROOT / "grpo_tp2" / "metrics.jsonl").read_text().splitlines()
+                                       if "train/loss" in json.loads(line)]
+        Path(OUT).write_text(json.dumps(results, indent=2))
+    distributed.destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
