@@ -388,13 +388,20 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, tolerance: float = 1e-5, bat
         if adapter is not None:
             hf_model = _with_peft_adapter(hf_model, adapter, peft_dir, Path(tmp))
             _apply_adapter(model, adapter)
-        model.eval()
-        generator = torch.Generator().manual_seed(seed)
-        input_ids = torch.randint(0, hf["vocab_size"], (batch_size, seq_len), generator=generator)
-        position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
-        with torch.no_grad():
-            expected = hf_model(input_ids=input_ids).logits.float()
-            actual = model(input_ids, position_ids, attention_mask=None).float()
+        return max_logit_difference(hf_model, model, hf["vocab_size"], batch_size=batch_size, seq_len=seq_len,
+                                    seed=seed)
+
+
+def max_logit_difference(hf_model, model, vocab_size: int, *, batch_size: int, seq_len: int, seed: int) -> float:
+    """max |logit difference| of the transformers model and the Megatron model on one seeded batch of random
+    tokens (what `convert verify` reports)."""
+    model.eval()
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(0, vocab_size, (batch_size, seq_len), generator=generator)
+    position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
+    with torch.no_grad():
+        expected = hf_model(input_ids=input_ids).logits.float()
+        actual = model(input_ids, position_ids, attention_mask=None).float()
     return (expected - actual).abs().max().item()
 
 

@@ -171,14 +171,9 @@ def verify(hf_dir: str | Path, ckpt: str | Path, *, batch_size: int = 2, seq_len
     for layer in hf_model.model.layers:
         if hasattr(layer.mixer, "time_step_limit"):
             layer.mixer.time_step_limit = limit
-    model.eval()
-    generator = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(0, hf["vocab_size"], (batch_size, seq_len), generator=generator)
-    position_ids = torch.arange(seq_len).unsqueeze(0).expand(batch_size, -1)
-    with torch.no_grad():
-        expected = hf_model(input_ids=input_ids).logits.float()
-        actual = model(input_ids, position_ids, attention_mask=None).float()
-    return (expected - actual).abs().max().item()
+    from nemotune.converters.checkpoint import max_logit_difference
+
+    return max_logit_difference(hf_model, model, hf["vocab_size"], batch_size=batch_size, seq_len=seq_len, seed=seed)
 
 
 def write_peft_adapter(model, out_dir: str | Path, *, dim: int, alpha: float, base_model: str | None = None,

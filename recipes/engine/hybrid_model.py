@@ -16,7 +16,8 @@ import torch
 
 from nemotune.converters.formats.mapping_nemotron_h import load_nemotron_h_config
 from nemotune.recipes.engine.megatron_cpu import on_gpu
-from nemotune.recipes.engine.model import SequenceParallelRMSNorm, _sdpa_core_attention, default_params_dtype
+from nemotune.recipes.engine.model import (SequenceParallelRMSNorm, _sdpa_core_attention, default_params_dtype,
+                                           runtime_fields)
 
 
 def transformer_config_from_nemotron_h(hf: Mapping[str, Any], *, params_dtype: torch.dtype | None = None,
@@ -26,7 +27,6 @@ def transformer_config_from_nemotron_h(hf: Mapping[str, Any], *, params_dtype: t
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or default_params_dtype()
-    gpu = on_gpu()
     kwargs = dict(
         num_layers=len(hf["hybrid_override_pattern"]),
         hidden_size=hf["hidden_size"],
@@ -44,23 +44,8 @@ def transformer_config_from_nemotron_h(hf: Mapping[str, Any], *, params_dtype: t
         mamba_head_dim=hf["mamba_head_dim"],
         mamba_num_groups=hf["n_groups"],
         mamba_num_heads=hf["mamba_num_heads"],
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
         init_method_std=hf["initializer_range"],
-        params_dtype=params_dtype,
-        bf16=params_dtype == torch.bfloat16,
-        fp16=params_dtype == torch.float16,
-        pipeline_dtype=params_dtype,
-        tensor_model_parallel_size=tensor_model_parallel_size,
-        pipeline_model_parallel_size=pipeline_model_parallel_size,
-        sequence_parallel=sequence_parallel,
-        use_cpu_initialization=not gpu,
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=gpu,
-        apply_rope_fusion=False,
-        persist_layer_norm=False,
-        gradient_accumulation_fusion=False,
+        **runtime_fields(params_dtype, tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel),
     )
     kwargs.update(overrides)
     return TransformerConfig(**kwargs)

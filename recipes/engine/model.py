@@ -54,7 +54,6 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     params_dtype = params_dtype or default_params_dtype()
-    gpu = on_gpu()
     layer_norm_1p = hf.get("norm", "RMSNorm") == "LayerNorm1P"
     gated = bool(hf.get("gated_mlp", True))
     kwargs = dict(
@@ -72,16 +71,28 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
         add_bias_linear=False,
         add_qkv_bias=bool(hf.get("qkv_bias", False)),
         qk_layernorm=bool(hf.get("qk_norm", False)),
+        init_method_std=hf["initializer_range"],
+        context_parallel_size=context_parallel_size,
+        **runtime_fields(params_dtype, tensor_model_parallel_size, pipeline_model_parallel_size, sequence_parallel),
+    )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+def runtime_fields(params_dtype: torch.dtype, tensor_model_parallel_size: int, pipeline_model_parallel_size: int,
+                   sequence_parallel: bool) -> dict:
+    """The TransformerConfig fields every builder shares: no dropout, dtype, parallel sizes, and the fusions
+    that need CUDA kernels switched off on CPU."""
+    gpu = on_gpu()
+    return dict(
         hidden_dropout=0.0,
         attention_dropout=0.0,
-        init_method_std=hf["initializer_range"],
         params_dtype=params_dtype,
         bf16=params_dtype == torch.bfloat16,
         fp16=params_dtype == torch.float16,
         pipeline_dtype=params_dtype,
         tensor_model_parallel_size=tensor_model_parallel_size,
         pipeline_model_parallel_size=pipeline_model_parallel_size,
-        context_parallel_size=context_parallel_size,
         sequence_parallel=sequence_parallel,
         # identical full weights whatever the TP size, so runs at different TP compare exactly
         use_cpu_initialization=not gpu,
@@ -92,8 +103,6 @@ def transformer_config_from_hf(hf: Mapping[str, Any], *, params_dtype: torch.dty
         persist_layer_norm=False,
         gradient_accumulation_fusion=False,
     )
-    kwargs.update(overrides)
-    return TransformerConfig(**kwargs)
 
 
 def squared_relu(x: torch.Tensor) -> torch.Tensor:
