@@ -157,7 +157,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if parsed is None:
         return 0
     print_cfg, overrides = parsed
-    try:
+
+    def run() -> int:
         cfg = compose("lora_sft", overrides)
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
@@ -166,21 +167,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         problems = prepared_data_problems(cfg, overrides)
         if problems:
             raise ConfigError(problems)
-        if cfg.stages:
-            from nemotune.recipes.two_stage import run_stages
+        return train_stages_or_one(cfg, train)
 
-            run_stages(cfg)
-        else:
-            train(cfg)
+    return run_reporting("nemotune train", run)
+
+
+def train_stages_or_one(cfg: DictConfig, train_one) -> int:
+    """Every stage of a multi-stage config (recipes/two_stage.py), else the one run; `train_one(cfg, run_dir=,
+    stage=, step_offset=)` trains one."""
+    if cfg.stages:
+        from nemotune.recipes.two_stage import run_stages
+
+        run_stages(cfg, train=train_one)
+    else:
+        train_one(cfg)
+    return 0
+
+
+def run_reporting(verb: str, run) -> int:
+    """Run a verb's body: refused config or input is one line on stderr and exit code 2; the process groups are
+    torn down whatever happens."""
+    try:
+        return run()
     except ConfigError as err:
-        print(f"nemotune train: {err}", file=sys.stderr)
+        print(f"{verb}: {err}", file=sys.stderr)
         return 2
     except (FileNotFoundError, ValueError) as err:
-        print(f"nemotune train: error: {err}", file=sys.stderr)
+        print(f"{verb}: error: {err}", file=sys.stderr)
         return 2
     finally:
         distributed.destroy_distributed()
-    return 0
 
 
 if __name__ == "__main__":

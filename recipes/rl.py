@@ -194,7 +194,7 @@ def _file_sha256(path) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    from nemotune.recipes.engine.config import ConfigError, hydra_cli
+    from nemotune.recipes.engine.config import hydra_cli
 
     argv = list(sys.argv[1:] if argv is None else argv)
     validate_only = "--validate-only" in argv
@@ -202,9 +202,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if parsed is None:
         return 0
     print_cfg, overrides = parsed
-    from nemotune.recipes.engine import distributed
+    from nemotune.recipes.lora_sft import run_reporting, train_stages_or_one
 
-    try:
+    def run() -> int:
         cfg = compose_rl(overrides)
         if print_cfg:
             print(OmegaConf.to_yaml(cfg))
@@ -214,21 +214,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             print(f"{VERB}: configuration, rewards and data are valid ({cfg.rl.algorithm}, "
                   f"data {cfg.data.output_dir}, split {cfg.trainer.train_split}); no weights were loaded")
             return 0
-        if cfg.stages:
-            from nemotune.recipes.two_stage import run_stages
+        return train_stages_or_one(cfg, train_stage)
 
-            run_stages(cfg, train=train_stage)
-        else:
-            train_rl(cfg)
-    except ConfigError as err:
-        print(f"{VERB}: {err}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as err:
-        print(f"{VERB}: error: {err}", file=sys.stderr)
-        return 2
-    finally:
-        distributed.destroy_distributed()
-    return 0
+    return run_reporting(VERB, run)
 
 
 if __name__ == "__main__":
