@@ -42,6 +42,7 @@ GPU_MACHINE_LACKS = [
     "datasets==4.4.1",
     "dill==0.4.0",
     "multiprocess==0.70.18",
+    "einops==0.8.2",  # megatron-core's MambaMixer (Nemotron-H)
 ]
 # published as a source distribution only (pure Python): built into a wheel here
 BUILT_HERE = ["antlr4-python3-runtime==4.9.3"]

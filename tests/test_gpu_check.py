@@ -41,5 +41,5 @@ def test_check_without_wheels_stops_with_one_line(tmp_path):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines() == [
         f"gpu-check: {tmp_path} lacks wheels for ['megatron-core', 'hydra-core', 'omegaconf', 'datasets', 'dill', "
-        "'multiprocess', 'antlr4-python3-runtime', 'nemotune']; run `make gpu-wheels` on a machine that reaches the "
+        "'multiprocess', 'einops', 'antlr4-python3-runtime', 'nemotune']; run `make gpu-wheels` on a machine that reaches the "
         "package index and carry .whl/ along"]

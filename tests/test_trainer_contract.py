@@ -76,7 +76,7 @@ def _bare_trainer(max_steps: int, lr: float = 3e-3):
     from nemotune.recipes.engine.builders import build_scheduler
 
     cfg = OmegaConf.create({
-        "run": {"seed": 1234}, "data": {"packing": False},
+        "run": {"seed": 1234}, "data": {"packing": False}, "peft": {"peft_scheme": "lora"},
         "trainer": {"global_batch_size": 4, "train_split": "sft",
                     "sft": {"max_steps": max_steps, "max_epochs": 1},
                     "optim": {"lr": lr, "min_lr": 0.0, "warmup_steps": 2, "scheduler": "cosine",
