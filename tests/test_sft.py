@@ -1,5 +1,6 @@
 """Full-parameter SFT (peft=none) on CPU: layout parity, the distributed optimizer's per-rank state, resume
-after a lost checkpoint and across TP, the checkpoint's contents, a mixed two-stage run."""
+after a lost checkpoint, after a real SIGKILL and across TP, LoRA resume with the distributed optimizer, the
+checkpoint's contents, a mixed two-stage run."""
 import json
 from collections import defaultdict
 from pathlib import Path
