@@ -164,9 +164,24 @@ def test_nemo_without_hf_folder_rebuilds_the_family(family, converted, tmp_path)
         assert rebuilt[key] == original[key], key
 
 
-# conf/model file -> the published parameter count (Hub model card, in billions as the card rounds it)
-PUBLISHED = {"nemotron_mini_4b": 4.19, "mistral_nemo_12b": 12.2, "mistral_nemo_minitron_8b": 8.41,
-             "openreasoning_nemotron_7b": 7.61, "qwen3_8b": 8.2, "llama32_1b": 1.24, "nemotron_nano_4b": 4.51}
+# conf/model file -> the published parameter count in billions as the Hub rounds it. The ones marked "unconfirmed" were
+# not found in a public source (written from the model cards' shapes); the sources of the others are in EXACT.
+PUBLISHED = {"nemotron_mini_4b": 4.19,  # unconfirmed
+             "mistral_nemo_12b": 12.2, "mistral_nemo_minitron_8b": 8.41,  # the latter unconfirmed
+             "openreasoning_nemotron_7b": 7.61, "qwen3_8b": 8.2, "llama32_1b": 1.24,
+             "nemotron_nano_4b": 4.51}  # unconfirmed
+# exact counts found in public sources (bf16 model.safetensors.index.json total_size / 2, or a quoted count)
+EXACT = {
+    # total_size 24,495,564,800 B: https://huggingface.co/mistralai/Mistral-Nemo-Instruct-2407/blob/main/model.safetensors.index.json
+    "mistral_nemo_12b": 12_247_782_400,
+    # Qwen2.5-7B-Instruct, same shapes; total_size 15,231,233,024 B:
+    # https://huggingface.co/Qwen/Qwen2.5-7B-Instruct/raw/main/model.safetensors.index.json
+    "openreasoning_nemotron_7b": 7_615_616_512,
+    # total_size 16,381,470,720 B: https://huggingface.co/Qwen/Qwen3-8B/blob/main/model.safetensors.index.json
+    "qwen3_8b": 8_190_735_360,
+    # github.com/ModelCloud/GPTQModel tests/test_parameter_count.py; https://huggingface.co/meta-llama/Llama-3.2-1B-Instruct
+    "llama32_1b": 1_235_814_400,
+}
 
 
 def _transformers_parameter_count(raw: dict) -> int:
@@ -196,6 +211,8 @@ def test_meta_device_build_has_the_published_parameter_count(name):
     assert total == _transformers_parameter_count(raw)
     digits = len(str(PUBLISHED[name]).split(".")[1])
     assert abs(total / 1e9 - PUBLISHED[name]) <= 10 ** -digits, total
+    if name in EXACT:
+        assert total == EXACT[name]
 
 
 @pytest.mark.parametrize("variant", ["nemo", "canonical"])

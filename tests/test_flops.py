@@ -108,3 +108,47 @@ def test_logged_tflops_and_mfu_are_the_formula_over_the_measured_step(tiny_hf_co
     assert np.isfinite(m["train/loss"]) and m["train/loss_tokens"] > 0
     line = format_step_line(1, 2, m)
     assert f"MFU {100 * m['train/mfu']:5.2f}%" in line and "tokens/s/GPU" in line
+
+
+def _conf_model(name):
+    import yaml
+
+    from conftest import REPO
+
+    return yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())["hf_config"]
+
+
+def test_nemotron_mini_4b_plain_mlp_has_two_ffn_matrices_per_layer_by_hand():
+    hf = _conf_model("nemotron_mini_4b")  # squared-ReLU MLP: up_proj, down_proj; no gate
+    qkv = 3072 * (24 + 2 * 8) * 128     # 3072 x 5120 = 15,728,640
+    proj = 24 * 128 * 3072              # 3072 x 3072 =  9,437,184
+    fc1 = 3072 * 9216                   # up alone    = 28,311,552
+    fc2 = 9216 * 3072                   # down        = 28,311,552
+    per_layer = qkv + proj + fc1 + fc2
+    assert per_layer == 81_788_928
+    matmul_weights = 32 * per_layer + 3072 * 256000
+    assert matmul_weights == 3_403_677_696
+    assert flops.matmul_params(hf) == matmul_weights
+    assert flops.dense_forward_flops_per_token(hf) == 2 * matmul_weights
+    # a gated MLP of the same shapes would count one more 3072 x 9216 matrix per layer
+    assert flops.matmul_params(dict(hf, architectures=["LlamaForCausalLM"], model_type="llama",
+                                    hidden_act="silu")) - matmul_weights == 32 * 3072 * 9216
+
+
+def test_mistral_nemo_12b_uses_its_head_dim_not_hidden_over_heads_by_hand():
+    hf = _conf_model("mistral_nemo_12b")  # head_dim 128, hidden / heads = 160
+    qkv = 5120 * (32 + 2 * 8) * 128     # 5120 x 6144  = 31,457,280
+    proj = 32 * 128 * 5120              # 4096 x 5120  = 20,971,520
+    fc1 = 5120 * 2 * 14336              # gate + up    = 146,800,640
+    fc2 = 14336 * 5120                  # down         = 73,400,320
+    per_layer = qkv + proj + fc1 + fc2
+    assert per_layer == 272_629_760
+    assert flops.matmul_params(hf) == 40 * per_layer + 5120 * 131072 == 11_576_279_040
+    # attention: 32 heads x 128, not x 160
+    assert flops.attention_forward_flops(hf, [4096]) == 40 * 32 * (2 * 2 * 128) * (4096 * 4097 // 2)
+
+
+def test_tied_embedding_still_costs_its_output_matmul():
+    hf = _conf_model("llama32_1b")  # tie_word_embeddings: the embedding matrix is also the output layer
+    per_layer = 2048 * (32 + 2 * 8) * 64 + 32 * 64 * 2048 + 3 * 2048 * 8192
+    assert flops.matmul_params(hf) == 16 * per_layer + 2048 * 128256

@@ -76,7 +76,13 @@ def test_live_tiny_run_matches_its_prediction():
     assert 0.8 <= predicted.total_bytes / result["peak_rss_bytes"] <= 1.2
 
 
-def test_activation_model_equals_the_tensors_autograd_saves():
+# the same tiny shapes as Llama (SwiGLU, RMSNorm) and as Nemotron (squared-ReLU MLP without a gate, LayerNorm1P)
+FAMILY_FIELDS = {"llama": {}, "nemotron": {"architectures": ["NemotronForCausalLM"], "model_type": "nemotron",
+                                           "hidden_act": "relu2"}}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_FIELDS))
+def test_activation_model_equals_the_tensors_autograd_saves(family):
     """The activations + logits the plan counts are what the trainer's forward really keeps for backward."""
     import torch
 
@@ -88,7 +94,7 @@ def test_activation_model_equals_the_tensors_autograd_saves():
     from nemotune.recipes.engine.trainer import RotaryPositions
 
     spec = plan_accuracy.CONFIGS["tiny_512"]
-    hf = plan_accuracy.hf_config(spec["model"])
+    hf = plan_accuracy.hf_config(dict(spec["model"], **FAMILY_FIELDS[family]))
     distributed.init_distributed()
     for targets in (["all-linear"], ["q_proj", "o_proj"]):
         model = build_gpt_model(hf, params_dtype=torch.float32, calculate_per_token_loss=True)
@@ -110,7 +116,8 @@ def test_activation_model_equals_the_tensors_autograd_saves():
 
         p = plan.plan(plan.PlanInput(hf=hf, layout=plan.Layout(), micro_batch_size=1, global_batch_size=1,
                                      seq_length=spec["seq"], device="cpu", precision="fp32", peak_tflops=None,
-                                     lora=plan.Lora(spec["lora_dim"], tuple(resolve_targets(targets)))))
+                                     lora=plan.Lora(spec["lora_dim"],
+                                                    tuple(resolve_targets(targets, gated=hf["gated_mlp"])))))
         # a chunked loss saves no logits (each chunk is freed before the next): only the whole-logits path counts
         counted = p.parts["activations"] + (0 if p.input.chunked_loss else p.parts["logits / loss"])
         # rotary cos/sin tables and per-token scalars (norm rstd, loss terms) are the small remainder
@@ -246,3 +253,48 @@ def test_cli_prints_parts_and_ranks_layouts(capsys, tmp_path):
     assert ranking.splitlines()[2].split()[:3] == ["TP1", "PP1", "DP8"]
     saved = json.loads(out_json.read_text())
     assert saved["config"]["layout"]["dp"] == 8 and saved["ranking"][0]["layout"]["tp"] == 1
+
+
+def _conf_model(name):
+    import yaml
+
+    return yaml.safe_load((REPO / "conf" / "model" / f"{name}.yaml").read_text())["hf_config"]
+
+
+def test_nemotron_mini_4b_parameters_by_hand():
+    """Squared-ReLU MLP (one up matrix), LayerNorm1P (weight + bias) per norm, untied 256k vocabulary."""
+    hf = _conf_model("nemotron_mini_4b")
+    linears = 3072 * (24 + 2 * 8) * 128 + 24 * 128 * 3072 + 3072 * 9216 + 9216 * 3072
+    norms = 2 * (3072 + 3072)  # input and pre-MLP LayerNorm: weight + bias each
+    assert plan.linear_shapes(hf)["linear_fc1"] == (3072, 9216)
+    assert plan.base_parameters(hf)["layer"] == linears + norms == 81_801_216
+    total = 32 * (linears + norms) + 2 * 256000 * 3072 + 2 * 3072
+    assert plan.total_parameters(hf) == total == 4_190_509_056
+    # canonical LoRA on every linear: q, k, v, o, up, down each own an A (h x r or in x r) and a B
+    r = 8
+    per_layer = (3 * 3072 * r + r * 5120) + (3072 * r + r * 3072) + (3072 * r + r * 9216) + (9216 * r + r * 3072)
+    assert plan.lora_parameters(hf, plan.Lora(r)) == 32 * per_layer
+
+
+def test_mistral_nemo_12b_parameters_by_hand():
+    """head_dim 128 != hidden / heads (160): q is 32 x 128 = 4096 wide, not 5120."""
+    hf = _conf_model("mistral_nemo_12b")
+    linears = 5120 * (32 + 2 * 8) * 128 + 32 * 128 * 5120 + 5120 * 2 * 14336 + 14336 * 5120
+    assert plan.linear_shapes(hf)["linear_proj"] == (4096, 5120)
+    assert plan.base_parameters(hf)["layer"] == linears + 2 * 5120 == 272_640_000
+    assert plan.total_parameters(hf) == 40 * (linears + 2 * 5120) + 2 * 131072 * 5120 + 5120 == 12_247_782_400
+
+
+@pytest.mark.parametrize("name", ["nemotron_mini_4b", "mistral_nemo_12b", "llama32_1b", "openreasoning_nemotron_7b",
+                                  "qwen3_8b"])
+def test_plan_counts_equal_the_meta_device_model_of_each_family(name):
+    """total_parameters and the (LoRA) trainable count equal megatron's model for each family's real shapes."""
+    from nemotune.recipes.engine.config import LoraConfig
+    from nemotune.recipes.engine.lora import apply_lora
+    from nemotune.recipes.engine.model import build_gpt_model
+
+    hf = _conf_model(name)
+    model = build_gpt_model(hf, device="meta")
+    assert plan.total_parameters(hf) == sum(p.numel() for p in model.parameters())
+    summary = apply_lora(model, LoraConfig(dim=8))
+    assert plan.lora_parameters(hf, plan.Lora(8)) == summary.trainable_parameters

@@ -1,5 +1,6 @@
 """Full-parameter SFT (peft=none) on CPU: layout parity, the distributed optimizer's per-rank state, resume
-after a lost checkpoint and across TP, the checkpoint's contents, a mixed two-stage run."""
+after a lost checkpoint, after a real SIGKILL and across TP, LoRA resume with the distributed optimizer, the
+checkpoint's contents, a mixed two-stage run."""
 import json
 from collections import defaultdict
 from pathlib import Path
@@ -97,6 +98,61 @@ def test_a_run_stopped_whose_last_checkpoint_is_lost_reruns_to_the_same_losses(s
         assert stopped["steps"][step][1] == consumed
     state = json.loads((Path(stopped["last_checkpoint"]) / "trainer_state.json").read_text())
     assert state["step"] == 4 and state["consumed_samples"] == 16 and state["peft_scheme"] == "none"
+
+
+def test_lora_with_the_distributed_optimizer_stopped_and_rerun_reproduces_the_losses(sft):
+    case = sft["results"]["lora_distributed_optimizer_resume"]
+    print(f"seconds per case of the launch: {sft['results']['seconds']}")
+    assert case["distributed_optimizer"] is True
+    assert list(case["before_rerun"]) == ["1", "2"]
+    uninterrupted, resumed = case["uninterrupted"], case["stopped"]
+    assert list(uninterrupted) == list(resumed) == ["1", "2", "3", "4"]
+    for step, (loss, consumed) in uninterrupted.items():
+        assert abs(resumed[step][0] - loss) <= 1e-5, step
+        assert resumed[step][1] == consumed == int(step) * 4
+    assert uninterrupted["4"][0] < uninterrupted["1"][0]
+
+
+def test_full_sft_dp2_killed_at_a_random_step_then_rerun_reproduces_every_loss(sft, tiny_assets, tmp_path):
+    """The launch's dp2_distopt run (peft=none, distributed optimizer, DP=2) as its own 2-process torchrun: SIGKILL
+    the whole process group once a random step is logged (a save may be under way), rerun the same command:
+    every step's loss and consumed_samples equal the uninterrupted run's."""
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run_dir = tmp_path / "killed"
+    args = [a if not a.startswith("cluster.nproc_per_node=") else "cluster.nproc_per_node=2"
+            for a in _one_process_args(tiny_assets, run_dir)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--rdzv_backend", "c10d",
+           "--rdzv_endpoint", "localhost:0", "--max_restarts", "0", "-m", "nemotune.recipes.lora_sft", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    # a fixed, printed seed: a failure replays with the same kill step (NEMOTUNE_KILL_SEED=<seed> to try others)
+    seed = int(os.environ.get("NEMOTUNE_KILL_SEED", "1234"))
+    kill_after = random.Random(seed).randint(2, STEPS - 1)
+    print(f"SIGKILL after step {kill_after} (NEMOTUNE_KILL_SEED={seed})")
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    metrics, deadline = run_dir / "metrics.jsonl", time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None:
+        if metrics.exists() and sum('"train/loss"' in line for line in metrics.read_text().splitlines()) >= kill_after:
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, f"the run finished before it could be killed at step {kill_after}"
+    rerun = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-4000:]
+    resumed, uninterrupted = _steps(run_dir), sft["results"]["layouts"]["dp2_distopt"]
+    assert list(resumed) == [str(s) for s in range(1, STEPS + 1)]
+    for step, (loss, consumed) in uninterrupted.items():
+        assert abs(resumed[step][0] - loss) <= 1e-5, step
+        assert resumed[step][1] == consumed == int(step) * 4
+    state = json.loads((run_dir / "checkpoints" / f"step{STEPS:07d}" / "trainer_state.json").read_text())
+    assert state["step"] == STEPS and state["consumed_samples"] == 4 * STEPS and state["peft_scheme"] == "none"
 
 
 def test_a_tp2_checkpoint_resumes_at_tp1(sft):

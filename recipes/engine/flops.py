@@ -18,13 +18,28 @@ PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "H800": 989.4, "A100": 312.0, 
                     "GB200": 2450.0, "L40S": 362.0}
 
 
+def family_config(hf: Mapping) -> Mapping:
+    """`hf` with the family's facts (gated_mlp, norm, qkv_bias, qk_norm, head_dim): as given when it already went
+    through load_hf_config, else normalised by it (a raw config.json dict)."""
+    if "gated_mlp" in hf:
+        return hf
+    from nemotune.converters.formats.hf_config import load_hf_config
+
+    return load_hf_config(hf)
+
+
 def matmul_params(hf: Mapping) -> int:
-    """Weights that take part in a matmul per token: attention, MLP and the output layer."""
+    """Weights that take part in a matmul per token: attention, MLP and the output layer (the tied embedding
+    matrix too: tied or not, the logits are one h x vocab matmul per token). A gated MLP (SwiGLU) has two up
+    matrices (gate, up), a plain one (Nemotron's squared ReLU) one; head_dim is the config's own
+    (Mistral-NeMo's 128 != hidden / heads)."""
+    hf = family_config(hf)
     h, heads, groups = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
     head_dim = hf.get("head_dim") or h // heads
-    per_layer = (h * (heads + 2 * groups) * head_dim  # linear_qkv
-                 + heads * head_dim * h               # linear_proj
-                 + 3 * h * hf["intermediate_size"])   # linear_fc1 (gate, up) + linear_fc2
+    up_matrices = 2 if hf["gated_mlp"] else 1
+    per_layer = (h * (heads + 2 * groups) * head_dim               # linear_qkv
+                 + heads * head_dim * h                            # linear_proj
+                 + (up_matrices + 1) * h * hf["intermediate_size"])  # linear_fc1 (gate?, up) + linear_fc2
     return hf["num_hidden_layers"] * per_layer + h * hf["vocab_size"]
 
 

@@ -34,6 +34,7 @@ r LoRA dim, t = TP; "n" = h / t under sequence parallelism, h otherwise):
   attention: SDPA / flash saves q, k, v and its output (no s^2 score matrix): (2q + 2kv) / t on GPU; the CPU
       path (SdpaCoreAttention) repeats k, v to every head first: 4q / t
   SwiGLU: fc1 output (gate, up), silu(gate) and megatron's `up + glu_linear_offset` copy   4 f / t
+  squared ReLU (Nemotron, no gate): relu's output, which pow(., 2) saves as its input too    f / t
   LoRA hidden activations                                 r per adapter
 Recompute: `full` keeps each layer's input (n) and rebuilds one layer at a time; `selective` recomputes the
 core attention (its output and, on CPU, the repeated k, v are not kept).
@@ -174,23 +175,30 @@ def _dims(hf: Mapping) -> tuple:
     return h, heads * head_dim, groups * head_dim, hf["intermediate_size"], hf["vocab_size"]
 
 
+def _gated(hf: Mapping) -> bool:
+    """SwiGLU (gate + up in linear_fc1) or a plain MLP (Nemotron's squared ReLU: up only), per the family."""
+    return bool(flops.family_config(hf)["gated_mlp"])
+
+
 def linear_shapes(hf: Mapping) -> Dict[str, tuple]:
     """(in, out) of each linear of a layer, Megatron names."""
     h, q, kv, f, _ = _dims(hf)
-    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, 2 * f), "linear_fc2": (f, h)}
+    fc1_out = 2 * f if _gated(hf) else f
+    return {"linear_qkv": (h, q + 2 * kv), "linear_proj": (q, h), "linear_fc1": (h, fc1_out), "linear_fc2": (f, h)}
 
 
 def lora_layer_parameters(hf: Mapping, lora: Lora, tp: int = 1) -> int:
     """LoRA parameters of one layer held by one TP rank (tp=1: the whole layer's, as count_lora_parameters)."""
     h, q, kv, f, _ = _dims(hf)
+    up_matrices = 2 if _gated(hf) else 1
     r, total = lora.dim, 0
     for target in lora.targets:
         if target == "linear_qkv":
             a_matrices = 3 if lora.variant == "canonical" else 1  # q, k, v each own an A (canonical)
             total += a_matrices * h * r + r * (q + 2 * kv) // tp
         elif target == "linear_fc1":
-            a_matrices = 2 if lora.variant == "canonical" else 1
-            total += a_matrices * h * r + r * 2 * f // tp
+            a_matrices = up_matrices if lora.variant == "canonical" else 1  # gate, up (up alone without a gate)
+            total += a_matrices * h * r + r * up_matrices * f // tp
         elif target == "linear_proj":
             total += q * r // tp + r * h
         elif target == "linear_fc2":
@@ -200,17 +208,24 @@ def lora_layer_parameters(hf: Mapping, lora: Lora, tp: int = 1) -> int:
     return total
 
 
-def _adapters_per_layer(lora: Lora) -> int:
-    per = {"linear_qkv": 3 if lora.variant == "canonical" else 1, "linear_fc1": 2 if lora.variant == "canonical" else 1,
+def _adapters_per_layer(lora: Lora, gated: bool = True) -> int:
+    canonical = lora.variant == "canonical"
+    per = {"linear_qkv": 3 if canonical else 1, "linear_fc1": (2 if gated else 1) if canonical else 1,
            "linear_proj": 1, "linear_fc2": 1}
     return sum(per[t] for t in lora.targets)
 
 
 def base_parameters(hf: Mapping, tp: int = 1) -> Dict[str, int]:
-    """Per TP rank: one layer, the embedding, the output layer, the final norm."""
+    """Per TP rank: one layer, the embedding, the output layer, the final norm. Per family: a LayerNorm (Nemotron's
+    LayerNorm1P) has a bias besides its weight, q/k/v biases (Qwen2) are split by TP like their linear, the
+    per-head q/k norms (Qwen3) are one head_dim vector each, replicated."""
+    hf = flops.family_config(hf)
     h, q, kv, f, v = _dims(hf)
-    layer = sum(i * o for i, o in linear_shapes(hf).values()) // tp + 2 * h
-    return {"layer": layer, "embedding": v * h // tp, "output": v * h // tp, "final_norm": h}
+    norm = 2 * h if hf["norm"] == "LayerNorm1P" else h
+    layer = (sum(i * o for i, o in linear_shapes(hf).values()) // tp + 2 * norm
+             + ((q + 2 * kv) // tp if hf["qkv_bias"] else 0)
+             + (2 * (q // hf["num_attention_heads"]) if hf["qk_norm"] else 0))
+    return {"layer": layer, "embedding": v * h // tp, "output": v * h // tp, "final_norm": norm}
 
 
 def _stage_layers(hf: Mapping, pp: int, stage: int) -> List[int]:
@@ -247,8 +262,10 @@ def activation_elements_per_token(hf: Mapping, inp: PlanInput) -> float:
     linears = ((column_input("linear_qkv") if trained["linear_qkv"] else 0) + proj_input
                + (column_input("linear_fc1") if trained["linear_fc1"] else 0)
                + (f / t if trained["linear_fc2"] else 0))
-    lora_hidden = _adapters_per_layer(lora) * lora.dim if lora else 0
-    full = 2 * n + linears + attention_in + 4 * f / t + lora_hidden
+    gated = _gated(hf)
+    lora_hidden = _adapters_per_layer(lora, gated) * lora.dim if lora else 0
+    mlp_act = (4 if gated else 1) * f / t
+    full = 2 * n + linears + attention_in + mlp_act + lora_hidden
     if inp.recompute == "selective":
         full -= (q / t + (2 * q - 2 * kv) / t) if inp.device == "cpu" else q / t
     return full

@@ -3,12 +3,14 @@
 argv: <out.json> <prepared dir> <converted base dir> <hf base dir> <run root>
 Writes, from rank 0: per-step losses (and consumed samples) of each layout, of a run stopped after step 3
 whose step-3 checkpoint is then lost (as after a SIGKILL before that save) and rerun, of a TP=2 checkpoint
-resumed at TP=1, and of a mixed two-stage run (stage 1 full SFT, stage 2 LoRA on stage 1's step dir) with
-stage 1's model evaluated on stage 2's first batch.
+resumed at TP=1, of LoRA with the distributed optimizer uninterrupted and stopped after step 2 then rerun, and of
+a mixed two-stage run (stage 1 full SFT, stage 2 LoRA on stage 1's step dir) with stage 1's model evaluated on stage
+2's first batch.
 """
 import json
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -16,7 +18,7 @@ import torch
 from checks import tiny_run
 
 from nemotune.recipes.engine import batches, distributed
-from nemotune.recipes.engine.config import compose, hf_config_of
+from nemotune.recipes.engine.config import compose, distributed_optimizer, hf_config_of
 from nemotune.recipes.lora_sft import train
 
 OUT, PREP, BASE_MCORE, BASE_HF, ROOT = sys.argv[1:6]
@@ -61,6 +63,22 @@ def stopped_and_rerun() -> dict:
     result = train(config("dp2_distopt", run_dir))
     return {"before_rerun": first, "steps": steps_of(run_dir) if distributed.is_rank_zero() else None,
             "last_checkpoint": str(result.checkpoint)}
+
+
+def lora_distributed_optimizer_resume() -> dict:
+    """LoRA at DP=2 with the distributed optimizer (its adapters' Adam state sharded over DP): an uninterrupted run,
+    and one stopped after step 2 (checkpointed there) then rerun to step 4."""
+    lora = ["experiment=tiny_lora", *COMMON, "parallel.use_distributed_optimizer=true"]
+    out = {}
+    for name, extra in (("uninterrupted", []), ("stopped", ["trainer.stop_after_steps=2"])):
+        train(compose("lora_sft", [*lora, f"run.output_dir={ROOT / 'lora_distopt' / name}", *extra]))
+        torch.distributed.barrier()
+        out[name] = steps_of(ROOT / "lora_distopt" / name) if distributed.is_rank_zero() else None
+    out["before_rerun"] = out["stopped"]
+    out["distributed_optimizer"] = distributed_optimizer(compose("lora_sft", lora))
+    train(compose("lora_sft", [*lora, f"run.output_dir={ROOT / 'lora_distopt' / 'stopped'}"]))
+    out["stopped"] = steps_of(ROOT / "lora_distopt" / "stopped") if distributed.is_rank_zero() else None
+    return out
 
 
 def tp2_resumed_at_tp1() -> dict:
@@ -129,15 +147,22 @@ def mixed_two_stage() -> dict:
 
 
 def main():
-    results = {"layouts": {}}
+    results = {"layouts": {}, "seconds": {}}
+
+    def timed(name, fn):
+        start = time.perf_counter()
+        results[name] = fn()
+        results["seconds"][name] = round(time.perf_counter() - start, 1)
+
     for name in LAYOUTS:
         train(config(name, ROOT / name))
         if distributed.is_rank_zero():
             results["layouts"][name] = steps_of(ROOT / name)
-    results["optimizer_state_bytes"] = optimizer_state_bytes()
-    results["stopped_and_rerun"] = stopped_and_rerun()
-    results["tp2_resumed_at_tp1"] = tp2_resumed_at_tp1()
-    results["mixed_two_stage"] = mixed_two_stage()
+    timed("optimizer_state_bytes", optimizer_state_bytes)
+    timed("stopped_and_rerun", stopped_and_rerun)
+    timed("tp2_resumed_at_tp1", tp2_resumed_at_tp1)
+    timed("lora_distributed_optimizer_resume", lora_distributed_optimizer_resume)
+    timed("mixed_two_stage", mixed_two_stage)
     if distributed.is_rank_zero():
         Path(OUT).write_text(json.dumps(results, indent=2))
     distributed.destroy_distributed()
