@@ -331,3 +331,93 @@ def test_nano_v2_reasoning_switch_in_prep(mode, line):
     assert out[1]["content"] == "Answer as a financial analyst.\n\nWhat is a bond?"
     kept = apply_thinking_mode(messages, mode, task_prompt_placement="system")
     assert kept[0]["content"] == f"{line}\nAnswer as a financial analyst." and len(kept) == 3
+
+
+# ---- nemotune train / eval on Nemotron-H ------------------------------------------------------------------------
+
+TRAIN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def nh_train_assets(tiny_assets, tmp_path_factory):
+    """A tiny random NemotronHForCausalLM carrying the tiny tokenizer (so the tiny model's prepared data trains it),
+    and its `nemotune convert hf-to-megatron` checkpoint."""
+    import shutil
+
+    from nemotune.converters.nemotron_h import hf_to_megatron
+
+    root = tmp_path_factory.mktemp("nh_train")
+    hf_dir = root / "hf"
+    _tiny_hf(seed=11, vocab_size=1024, hybrid_override_pattern="M*M-").save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_assets["base"] / name).is_file():
+            shutil.copyfile(tiny_assets["base"] / name, hf_dir / name)
+    hf_to_megatron(hf_dir, root / "mcore", progress=False)
+    return {"hf": hf_dir, "mcore": root / "mcore", "prep": tiny_assets["prep"], "root": root}
+
+
+def _train_nh(assets, run_dir, *extra, check=True):
+    from conftest import run_module
+
+    return run_module("nemotune.recipes.lora_sft", "experiment=tiny_lora", f"model.hf_path={assets['hf']}",
+                      f"model.checkpoint={assets['mcore']}", f"data.output_dir={assets['prep']}", "data.packing=false",
+                      "trainer.train_split=sft", "trainer.validation_split=eval", f"trainer.sft.max_steps={TRAIN_STEPS}",
+                      "trainer.sft.val_check_interval=2", "trainer.sft.limit_val_batches=1",
+                      "trainer.optim.lr=2e-2", f"run.output_dir={run_dir}", *extra, check=check)
+
+
+def _losses(run_dir):
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_adapter(nh_train_assets, tmp_path):
+    """`nemotune train` on a tiny NemotronHForCausalLM: the loss falls, a run stopped after its step-2 checkpoint
+    and rerun gives the uninterrupted run's losses, and the last checkpoint's adapter/ loads in peft on
+    transformers' model with the Megatron model's logits."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from nemotune.converters.nemotron_h import model_from_checkpoint
+    from nemotune.recipes.engine.hybrid_lora import apply_hybrid_lora
+    from nemotune.recipes.engine.hybrid_training import peft_names
+
+    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
+    _train_nh(nh_train_assets, whole)
+    _train_nh(nh_train_assets, resumed, "trainer.stop_after_steps=2")
+    assert sorted(_losses(resumed)) == [1, 2]
+    _train_nh(nh_train_assets, resumed)
+    want, got = _losses(whole), _losses(resumed)
+    print(f"Nemotron-H LoRA losses {[round(want[s], 4) for s in sorted(want)]}, resumed "
+          f"{[round(got[s], 4) for s in sorted(got)]}")
+    assert sorted(want) == sorted(got) == list(range(1, TRAIN_STEPS + 1))
+    assert max(abs(want[s] - got[s]) for s in want) <= 1e-5
+    assert want[TRAIN_STEPS] < want[1] - 0.1
+
+    adapter = whole / "checkpoints" / f"step{TRAIN_STEPS:07d}" / "adapter"
+    hf_model = _unclamped_dt(NemotronHForCausalLM.from_pretrained(str(nh_train_assets["hf"]), dtype=torch.float32))
+    loaded = peft.PeftModel.from_pretrained(hf_model, str(adapter)).eval()
+    # the Megatron model with the same adapter, copied by the names the checkpoint wrote
+    hf, model = model_from_checkpoint(nh_train_assets["mcore"])
+    apply_hybrid_lora(model, dim=8, alpha=16.0, target_modules=loaded.peft_config["default"].target_modules)
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if ".adapter_layer." in n}
+    assert len(params) == len(saved) > 0
+    with torch.no_grad():
+        for name, param in params.items():
+            (peft_name, _), = peft_names({name: param}).items()
+            param.copy_(saved[peft_name])
+    ids = torch.randint(0, hf["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        megatron = _logits(model.eval(), ids)
+        served = loaded(ids).logits
+        base = loaded.get_base_model()
+        with loaded.disable_adapter():
+            plain = base(ids).logits
+    diff = (served - megatron).abs().max().item()
+    print(f"Nemotron-H trained adapter: peft vs Megatron max |logit diff| {diff:.3e} (the adapter moves logits by "
+          f"{(served - plain).abs().max().item():.3e})")
+    assert diff <= 1e-4
+    assert (served - plain).abs().max() > 1e-2
