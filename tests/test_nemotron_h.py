@@ -373,7 +373,16 @@ def _losses(run_dir):
     return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
 
 
-def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_adapter(nh_train_assets, tmp_path):
+@pytest.fixture(scope="module")
+def nh_trained(nh_train_assets):
+    """An uninterrupted `nemotune train` LoRA run of TRAIN_STEPS steps (checkpoints at 2 and 4)."""
+    run_dir = nh_train_assets["root"] / "whole"
+    _train_nh(nh_train_assets, run_dir)
+    return run_dir
+
+
+def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_adapter(nh_train_assets, nh_trained,
+                                                                                       tmp_path):
     """`nemotune train` on a tiny NemotronHForCausalLM: the loss falls, a run stopped after its step-2 checkpoint
     and rerun gives the uninterrupted run's losses, and the last checkpoint's adapter/ loads in peft on
     transformers' model with the Megatron model's logits."""
@@ -384,8 +393,7 @@ def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_ada
     from nemotune.recipes.engine.hybrid_lora import apply_hybrid_lora
     from nemotune.recipes.engine.hybrid_training import peft_names
 
-    whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    _train_nh(nh_train_assets, whole)
+    whole, resumed = nh_trained, tmp_path / "resumed"
     _train_nh(nh_train_assets, resumed, "trainer.stop_after_steps=2")
     assert sorted(_losses(resumed)) == [1, 2]
     _train_nh(nh_train_assets, resumed)
@@ -421,3 +429,25 @@ def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_ada
           f"{(served - plain).abs().max().item():.3e})")
     assert diff <= 1e-4
     assert (served - plain).abs().max() > 1e-2
+
+
+def test_nemotune_eval_on_nemotron_h_reports_the_trained_adapters_held_out_loss(nh_train_assets, nh_trained, tmp_path):
+    """`nemotune eval` with a trained Nemotron-H adapter: transformers + peft and the Megatron model (the adapter
+    restored into the hybrid LoRA) both report a lower held-out answer-token loss than the base."""
+    import json
+
+    from conftest import run_module
+
+    adapter = nh_trained / "checkpoints" / f"step{TRAIN_STEPS:07d}" / "adapter"
+    overrides = ["experiment=tiny_lora", f"model.hf_path={nh_train_assets['hf']}",
+                 f"model.checkpoint={nh_train_assets['mcore']}", "data.packing=false"]
+    run_module("nemotune.recipes.evaluate", f"data_dir={nh_train_assets['prep']}", f"base_model={nh_train_assets['hf']}",
+               f"adapter={adapter}", f"out_dir={tmp_path / 'eval'}", "eval.split=eval", "eval.limit=2",
+               "eval.max_new_tokens=2", "eval.megatron_loss=true", "eval.train_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]")
+    loss = json.loads((tmp_path / "eval" / "summary.json").read_text())["loss"]
+    print("Nemotron-H held-out answer loss base -> LoRA: " + ", ".join(
+        f"{engine} {loss[engine]['base']['loss']:.4f} -> {loss[engine]['lora']['loss']:.4f} "
+        f"({loss[engine]['lora']['tokens']} tokens)" for engine in ("hf", "megatron")))
+    for engine in ("hf", "megatron"):
+        assert loss[engine]["lora"]["loss"] < loss[engine]["base"]["loss"] - 0.05
+    assert loss["megatron"]["lora"]["samples"] == 48

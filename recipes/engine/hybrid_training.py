@@ -85,9 +85,6 @@ def hybrid_problems(cfg: DictConfig) -> List[str]:
                             "gets its adapter); set it to null")
         if cfg.peft.lora.dropout:
             problems.append(f"peft.lora.dropout={cfg.peft.lora.dropout}: Nemotron-H LoRA has no dropout; set 0")
-        if cfg.peft.restore_from:
-            problems.append(f"peft.restore_from={cfg.peft.restore_from}: starting Nemotron-H LoRA from an adapter "
-                            "is not supported yet; resume the run dir instead (run.output_dir)")
     if cfg.parallel.pipeline_model_parallel_size > 1:
         problems.append(f"parallel.pipeline_model_parallel_size={cfg.parallel.pipeline_model_parallel_size}: "
                         "Nemotron-H trains with PP=1 here (pipeline stages of the hybrid stack are untested); "
@@ -117,6 +114,8 @@ def build_training_model(cfg: DictConfig, hf: dict, *, lora: bool, trainable: bo
         lc = cfg.peft.lora
         apply_hybrid_lora(model, dim=int(lc.dim), alpha=float(lc.alpha),
                           target_modules=resolve_hybrid_targets(list(lc.target_modules)), seed=cfg.run.seed)
+        if cfg.peft.restore_from:
+            load_hybrid_adapter(model, cfg.peft.restore_from, dim=int(lc.dim), alpha=float(lc.alpha))
     elif not trainable:
         for param in model.parameters():
             param.requires_grad = False
@@ -259,3 +258,41 @@ def save_hybrid_adapter(out_dir, state: Mapping[str, torch.Tensor], config: Mapp
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config, indent=2) + "\n")
         (tmp / NEMOTUNE_CONFIG).write_text(json.dumps(dict(config), indent=2, sort_keys=True, default=str) + "\n")
     return Path(out_dir)
+
+
+def load_hybrid_adapter(model, path: str, *, dim: int, alpha: float) -> None:
+    """peft.restore_from for Nemotron-H: an HF PEFT adapter dir (a checkpoint's adapter/, or a run / step dir
+    holding one) into the model's LoRA, this TP rank's part of each tensor. Its rank, alpha and targets must be
+    the configured ones (each difference is named with the key to set)."""
+    from safetensors.torch import load_file
+
+    from nemotune.converters.formats.adapters import ADAPTER_CONFIG, PEFT_WEIGHTS
+    from nemotune.recipes.engine.builders import restore_dir
+    from nemotune.recipes.engine.hybrid_lora import shard
+
+    where = restore_dir(path)
+    if not (where / PEFT_WEIGHTS).is_file() or not (where / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"peft.restore_from={path}: no {PEFT_WEIGHTS} + {ADAPTER_CONFIG} in {where}; pass a "
+                         f"Nemotron-H training checkpoint, its adapter/ dir or an HF PEFT adapter dir")
+    config = json.loads((where / ADAPTER_CONFIG).read_text())
+    if int(config.get("r", -1)) != dim or float(config.get("lora_alpha", -1)) != alpha:
+        raise ValueError(f"peft.restore_from={path}: the adapter has r={config.get('r')} lora_alpha="
+                         f"{config.get('lora_alpha')}; set peft.lora.dim={config.get('r')} "
+                         f"peft.lora.alpha={config.get('lora_alpha')}")
+    saved = load_file(str(where / PEFT_WEIGHTS))
+    params = {n: p for n, p in model.named_parameters() if ".adapter_layer." in n}
+    names = {name: next(iter(peft_names({name: param}))) for name, param in params.items()}
+    absent = sorted(set(names.values()) - set(saved))
+    extra = sorted(set(saved) - set(names.values()))
+    if absent or extra:
+        raise ValueError(f"peft.restore_from={path}: the adapter's targets ({config.get('target_modules')}) differ "
+                         f"from peft.lora.target_modules: {len(absent)} tensors missing (e.g. {absent[:2]}), "
+                         f"{len(extra)} unexpected (e.g. {extra[:2]})")
+    with torch.no_grad():
+        for name, param in params.items():
+            full = saved[names[name]]
+            part = shard(full, param)
+            if tuple(part.shape) != tuple(param.shape):
+                raise ValueError(f"peft.restore_from={path}: {names[name]} is {list(full.shape)}, which does not "
+                                 f"fit this model; was the adapter trained on another model?")
+            param.copy_(part.to(param.dtype))
