@@ -182,7 +182,8 @@ def _nemotron_h(raw: Mapping[str, Any], origin: str, hybrid: bool) -> dict:
     if not hybrid:
         raise ModelConfigError(f"{origin}: Nemotron-H (NemotronHForCausalLM) is a hybrid Mamba model: "
                                f"{NEMOTRON_H_VERBS} take it, this step reads dense GPT models only "
-                               f"({', '.join(SUPPORTED_ARCHITECTURES)})")
+                               f"({', '.join(SUPPORTED_ARCHITECTURES)}); a Nemotron-H training checkpoint's adapter/ is already "
+                               "an HF PEFT adapter")
     try:
         hf = mapping_nemotron_h.load_nemotron_h_config(raw, origin)
     except mapping_nemotron_h.NemotronHConfigError as err:
