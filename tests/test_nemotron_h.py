@@ -266,6 +266,9 @@ def test_tensor_parallel_2_matches_transformers_tp1_gradients_and_lora(tiny_hf_d
     print(f"LoRA TP=2 vs TP=1 max |logit diff| {result['lora_diff']:.3e} (LoRA moves logits by "
           f"{result['lora_effect']:.3e})")
     assert result["lora_effect"] > 1e-2 and result["lora_diff"] <= 1e-4
+    # in_proj's B is sharded per z / x / B / C / dt section: gathered back in the TP=1 order
+    print(f"consolidated adapter TP=2 vs TP=1 max |diff| {result['adapter_gather_diff']:.3e}")
+    assert result["adapter_keys_equal"] and result["adapter_in_proj_B"] == 3 and result["adapter_gather_diff"] == 0
 
 
 def test_lora_on_mamba_attention_and_mlp_trains_and_loads_in_peft_with_equal_logits(tiny_pair, tmp_path):
