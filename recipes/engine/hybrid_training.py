@@ -104,6 +104,8 @@ def build_training_model(cfg: DictConfig, hf: dict, *, lora: bool, trainable: bo
     from nemotune.recipes.engine.hybrid_model import build_hybrid_model
     from nemotune.recipes.engine.lora import print_trainable
 
+    if cfg.data.packing:  # also where validate() does not run (nemotune eval's Megatron loss)
+        raise ValueError(PACKING_REASON)
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(cfg.trainer.precision)
     model = build_hybrid_model(hf, params_dtype=params_dtype, sequence_parallel=cfg.parallel.sequence_parallel,
                                calculate_per_token_loss=True)
@@ -194,7 +196,7 @@ def install_training_forward(model) -> None:
     def forward(self, input_ids, position_ids, attention_mask=None, decoder_input=None, labels=None,
                 loss_mask=None, **kwargs):
         # unpacked rows: one example + padding, for which causal attention is exact (a packed batch never gets
-        # here: validate refuses packing, and build_hybrid_model's pre-hook refuses PackedSeqParams)
+        # here: build_training_model refuses packed data, build_hybrid_model's pre-hook PackedSeqParams)
         if labels is None or not self.post_process or loss.loss_impl() == "plain":
             return original(input_ids, position_ids, None, decoder_input=decoder_input, labels=labels, **kwargs)
         self.post_process = False
