@@ -1,6 +1,6 @@
 """Bad-input battery for Nemotron-H: unsupported hybrid layouts, an incomplete checkpoint, the verbs that do not
-apply to the hybrid model and training (not wired yet) are refused in one line naming the file, key or verb,
-writing nothing."""
+apply to the hybrid model and what training refuses for it (packed data, LoRA on Mamba out_proj) are refused in one
+line naming the file, key or verb, writing nothing."""
 
 from __future__ import annotations
 
@@ -38,8 +38,13 @@ def _cases(root):
                                      root / "out_incomplete"],
                  [str(root / "incomplete"), "lacks", "model.layers.0.norm.weight"],
                  guard=[root]),
-        BadInput("train-not-yet", ["nemotune.recipes.lora_sft", "experiment=tiny_lora", "model=nemotron_nano_9b_v2"],
-                 ["model.hf_config", "unsupported architecture ['NemotronHForCausalLM']"]),
+        BadInput("train-packed", ["nemotune.recipes.lora_sft", "experiment=tiny_lora", "model=nemotron_nano_9b_v2"],
+                 ["data.packing=true", "Mamba-2", "data.packing=false"]),
+        BadInput("train-out-proj-lora", ["nemotune.recipes.lora_sft", "experiment=tiny_lora", "model=nemotron_nano_9b_v2",
+                                         "data.packing=false", "peft.lora.target_modules=[in_proj,out_proj]"],
+                 ["peft.lora.target_modules", "out_proj", "no HF PEFT export"]),
+        BadInput("plan-hybrid", ["nemotune.recipes.plan", "experiment=tiny_lora", "model=nemotron_nano_9b_v2"],
+                 ["model.hf_config", "Nemotron-H", "`nemotune train`"]),
         BadInput("hf-to-nemo", [convert, "hf-to-nemo", "--hf", root / "incomplete", "--out", root / "x.nemo"],
                  ["hf-to-nemo: not available for Nemotron-H"], guard=[root]),
     ]

@@ -266,6 +266,9 @@ def test_tensor_parallel_2_matches_transformers_tp1_gradients_and_lora(tiny_hf_d
     print(f"LoRA TP=2 vs TP=1 max |logit diff| {result['lora_diff']:.3e} (LoRA moves logits by "
           f"{result['lora_effect']:.3e})")
     assert result["lora_effect"] > 1e-2 and result["lora_diff"] <= 1e-4
+    # in_proj's B is sharded per z / x / B / C / dt section: gathered back in the TP=1 order
+    print(f"consolidated adapter TP=2 vs TP=1 max |diff| {result['adapter_gather_diff']:.3e}")
+    assert result["adapter_keys_equal"] and result["adapter_in_proj_B"] == 3 and result["adapter_gather_diff"] == 0
 
 
 def test_lora_on_mamba_attention_and_mlp_trains_and_loads_in_peft_with_equal_logits(tiny_pair, tmp_path):
@@ -331,3 +334,123 @@ def test_nano_v2_reasoning_switch_in_prep(mode, line):
     assert out[1]["content"] == "Answer as a financial analyst.\n\nWhat is a bond?"
     kept = apply_thinking_mode(messages, mode, task_prompt_placement="system")
     assert kept[0]["content"] == f"{line}\nAnswer as a financial analyst." and len(kept) == 3
+
+
+# ---- nemotune train / eval on Nemotron-H ------------------------------------------------------------------------
+
+TRAIN_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def nh_train_assets(tiny_assets, tmp_path_factory):
+    """A tiny random NemotronHForCausalLM carrying the tiny tokenizer (so the tiny model's prepared data trains it),
+    and its `nemotune convert hf-to-megatron` checkpoint."""
+    import shutil
+
+    from nemotune.converters.nemotron_h import hf_to_megatron
+
+    root = tmp_path_factory.mktemp("nh_train")
+    hf_dir = root / "hf"
+    _tiny_hf(seed=11, vocab_size=1024, hybrid_override_pattern="M*M-").save_pretrained(hf_dir)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (tiny_assets["base"] / name).is_file():
+            shutil.copyfile(tiny_assets["base"] / name, hf_dir / name)
+    hf_to_megatron(hf_dir, root / "mcore", progress=False)
+    return {"hf": hf_dir, "mcore": root / "mcore", "prep": tiny_assets["prep"], "root": root}
+
+
+def _train_nh(assets, run_dir, *extra, check=True):
+    from conftest import run_module
+
+    return run_module("nemotune.recipes.lora_sft", "experiment=tiny_lora", f"model.hf_path={assets['hf']}",
+                      f"model.checkpoint={assets['mcore']}", f"data.output_dir={assets['prep']}", "data.packing=false",
+                      "trainer.train_split=sft", "trainer.validation_split=eval", f"trainer.sft.max_steps={TRAIN_STEPS}",
+                      "trainer.sft.val_check_interval=2", "trainer.sft.limit_val_batches=1",
+                      "trainer.optim.lr=2e-2", f"run.output_dir={run_dir}", *extra, check=check)
+
+
+def _losses(run_dir):
+    import json
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return {row["step"]: row["train/loss"] for row in rows if "train/loss" in row}
+
+
+@pytest.fixture(scope="module")
+def nh_trained(nh_train_assets):
+    """An uninterrupted `nemotune train` LoRA run of TRAIN_STEPS steps (checkpoints at 2 and 4)."""
+    run_dir = nh_train_assets["root"] / "whole"
+    _train_nh(nh_train_assets, run_dir)
+    return run_dir
+
+
+def test_nemotune_train_lora_on_nemotron_h_learns_resumes_and_exports_a_peft_adapter(nh_train_assets, nh_trained,
+                                                                                       tmp_path):
+    """`nemotune train` on a tiny NemotronHForCausalLM: the loss falls, a run stopped after its step-2 checkpoint
+    and rerun gives the uninterrupted run's losses, and the last checkpoint's adapter/ loads in peft on
+    transformers' model with the Megatron model's logits."""
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+
+    from nemotune.converters.nemotron_h import model_from_checkpoint
+    from nemotune.recipes.engine.hybrid_lora import apply_hybrid_lora
+    from nemotune.recipes.engine.hybrid_training import peft_names
+
+    whole, resumed = nh_trained, tmp_path / "resumed"
+    _train_nh(nh_train_assets, resumed, "trainer.stop_after_steps=2")
+    assert sorted(_losses(resumed)) == [1, 2]
+    _train_nh(nh_train_assets, resumed)
+    want, got = _losses(whole), _losses(resumed)
+    print(f"Nemotron-H LoRA losses {[round(want[s], 4) for s in sorted(want)]}, resumed "
+          f"{[round(got[s], 4) for s in sorted(got)]}")
+    assert sorted(want) == sorted(got) == list(range(1, TRAIN_STEPS + 1))
+    assert max(abs(want[s] - got[s]) for s in want) <= 1e-5
+    assert want[TRAIN_STEPS] < want[1] - 0.1
+
+    adapter = whole / "checkpoints" / f"step{TRAIN_STEPS:07d}" / "adapter"
+    hf_model = _unclamped_dt(NemotronHForCausalLM.from_pretrained(str(nh_train_assets["hf"]), dtype=torch.float32))
+    loaded = peft.PeftModel.from_pretrained(hf_model, str(adapter)).eval()
+    # the Megatron model with the same adapter, copied by the names the checkpoint wrote
+    hf, model = model_from_checkpoint(nh_train_assets["mcore"])
+    apply_hybrid_lora(model, dim=8, alpha=16.0, target_modules=loaded.peft_config["default"].target_modules)
+    saved = load_file(str(adapter / "adapter_model.safetensors"))
+    params = {n: p for n, p in model.named_parameters() if ".adapter_layer." in n}
+    assert len(params) == len(saved) > 0
+    with torch.no_grad():
+        for name, param in params.items():
+            (peft_name, _), = peft_names({name: param}).items()
+            param.copy_(saved[peft_name])
+    ids = torch.randint(0, hf["vocab_size"], (2, 24), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        megatron = _logits(model.eval(), ids)
+        served = loaded(ids).logits
+        base = loaded.get_base_model()
+        with loaded.disable_adapter():
+            plain = base(ids).logits
+    diff = (served - megatron).abs().max().item()
+    print(f"Nemotron-H trained adapter: peft vs Megatron max |logit diff| {diff:.3e} (the adapter moves logits by "
+          f"{(served - plain).abs().max().item():.3e})")
+    assert diff <= 1e-4
+    assert (served - plain).abs().max() > 1e-2
+
+
+def test_nemotune_eval_on_nemotron_h_reports_the_trained_adapters_held_out_loss(nh_train_assets, nh_trained, tmp_path):
+    """`nemotune eval` with a trained Nemotron-H adapter: transformers + peft and the Megatron model (the adapter
+    restored into the hybrid LoRA) both report a lower held-out answer-token loss than the base."""
+    import json
+
+    from conftest import run_module
+
+    adapter = nh_trained / "checkpoints" / f"step{TRAIN_STEPS:07d}" / "adapter"
+    overrides = ["experiment=tiny_lora", f"model.hf_path={nh_train_assets['hf']}",
+                 f"model.checkpoint={nh_train_assets['mcore']}", "data.packing=false"]
+    run_module("nemotune.recipes.evaluate", f"data_dir={nh_train_assets['prep']}", f"base_model={nh_train_assets['hf']}",
+               f"adapter={adapter}", f"out_dir={tmp_path / 'eval'}", "eval.split=eval", "eval.limit=2",
+               "eval.max_new_tokens=2", "eval.megatron_loss=true", "eval.train_overrides=[" + ",".join(f"'{o}'" for o in overrides) + "]")
+    loss = json.loads((tmp_path / "eval" / "summary.json").read_text())["loss"]
+    print("Nemotron-H held-out answer loss base -> LoRA: " + ", ".join(
+        f"{engine} {loss[engine]['base']['loss']:.4f} -> {loss[engine]['lora']['loss']:.4f} "
+        f"({loss[engine]['lora']['tokens']} tokens)" for engine in ("hf", "megatron")))
+    for engine in ("hf", "megatron"):
+        assert loss[engine]["lora"]["loss"] < loss[engine]["base"]["loss"] - 0.05
+    assert loss["megatron"]["lora"]["samples"] == 48

@@ -3,7 +3,9 @@
 Every part that needs the architecture (the model builder, config validation, the converters, adapter
 export) reads it here, so the defaults transformers applies to absent fields live in one place. The
 supported families and what sets each apart are the rows of :data:`FAMILIES`; any other architecture (DeciLM,
-Nemotron-H, MoE) is refused in one line naming the supported ones.
+MoE) is refused in one line naming the supported ones. Nemotron-H hybrids (NemotronHForCausalLM) are read only where
+the caller builds megatron-core's hybrid model (``hybrid=True``: training and evaluation); elsewhere they are refused
+in one line naming the verbs that take them.
 """
 
 from __future__ import annotations
@@ -98,10 +100,11 @@ def read_config_json(config_file: Path) -> dict:
     return raw
 
 
-def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
+def load_hf_config(path_or_dict: str | Path | Mapping[str, Any], *, hybrid: bool = False) -> dict:
     """Return a normalized config dict of a supported architecture (:data:`FAMILIES`) from a checkpoint dir, a
     config.json or a dict. It holds the HF fields with transformers' defaults, ``rms_norm_eps`` as the norm
-    epsilon of every family, and the family's facts under :data:`DERIVED_KEYS`."""
+    epsilon of every family, and the family's facts under :data:`DERIVED_KEYS`. ``hybrid=True`` also reads a
+    Nemotron-H config (family ``nemotron_h``, see :func:`_nemotron_h`)."""
     if isinstance(path_or_dict, Mapping):
         raw = dict(path_or_dict)
         origin = "the model config"
@@ -119,13 +122,17 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         raw.setdefault("rope_theta", rope.get("rope_theta", _HF_DEFAULTS["rope_theta"]))
         if rope.get("rope_type", "default") != "default" and not raw.get("rope_scaling"):
             raw["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    from nemotune.converters.formats import mapping_nemotron_h
+
+    if mapping_nemotron_h.is_nemotron_h(raw):
+        return _nemotron_h(raw, origin, hybrid)
     architectures = raw.get("architectures") or ["LlamaForCausalLM"]
     family = next((FAMILIES[a] for a in architectures if a in FAMILIES), None)
     if family is None or raw.get("model_type", family.model_type) != family.model_type:
         raise ModelConfigError(
             f"{origin}: unsupported architecture {architectures} (model_type {raw.get('model_type')!r}); "
-            f"nemotune supports {', '.join(SUPPORTED_ARCHITECTURES)} (dense models; DeciLM, Nemotron-H and "
-            "MoE models are not supported)")
+            f"nemotune supports {', '.join(SUPPORTED_ARCHITECTURES)} (dense models; DeciLM and MoE models are "
+            "not supported; Nemotron-H hybrids by `nemotune train`, `eval` and `convert` only)")
     moe = [k for k in ("num_experts", "num_local_experts", "n_routed_experts") if raw.get(k)]
     if moe:
         raise ModelConfigError(f"{origin}: a mixture-of-experts config ({moe[0]}={raw[moe[0]]}) is not supported; "
@@ -161,4 +168,26 @@ def load_hf_config(path_or_dict: str | Path | Mapping[str, Any]) -> dict:
         kind = scaling.get("rope_type", scaling.get("type"))
         if kind not in ("llama3", "default"):
             raise ModelConfigError(f"{origin}: rope_scaling type {kind!r} is not supported (llama3 only)")
+    return hf
+
+
+NEMOTRON_H_VERBS = "`nemotune train`, `nemotune eval` and `nemotune convert`"
+
+
+def _nemotron_h(raw: Mapping[str, Any], origin: str, hybrid: bool) -> dict:
+    """A Nemotron-H config normalized by mapping_nemotron_h, with the derived keys the shared checks read (RMSNorm,
+    squared-ReLU MLP without a gate, no RoPE). Refused unless the caller builds the hybrid model."""
+    from nemotune.converters.formats import mapping_nemotron_h
+
+    if not hybrid:
+        raise ModelConfigError(f"{origin}: Nemotron-H (NemotronHForCausalLM) is a hybrid Mamba model: "
+                               f"{NEMOTRON_H_VERBS} take it, this step reads dense GPT models only "
+                               f"({', '.join(SUPPORTED_ARCHITECTURES)}); a Nemotron-H training checkpoint's adapter/ is already "
+                               "an HF PEFT adapter")
+    try:
+        hf = mapping_nemotron_h.load_nemotron_h_config(raw, origin)
+    except mapping_nemotron_h.NemotronHConfigError as err:
+        raise ModelConfigError(str(err)) from None
+    hf.update(family="nemotron_h", norm="RMSNorm", gated_mlp=False, qkv_bias=False, qk_norm=False,
+              partial_rotary_factor=0.0, rms_norm_eps=float(hf["layer_norm_epsilon"]))
     return hf

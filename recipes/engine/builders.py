@@ -107,8 +107,14 @@ def adapter_config(cfg: DictConfig, hf: dict) -> dict:
     from nemotune.recipes.engine.lora import resolve_targets
 
     lora = cfg.peft.lora
+    if hf.get("family") == "nemotron_h":
+        from nemotune.recipes.engine.hybrid_training import resolve_hybrid_targets
+
+        targets = resolve_hybrid_targets(list(lora.target_modules))
+    else:
+        targets = resolve_targets(list(lora.target_modules), gated=hf.get("gated_mlp", True))
     return {"dim": lora.dim, "alpha": lora.alpha, "dropout": lora.dropout,
-            "target_modules": resolve_targets(list(lora.target_modules), gated=hf.get("gated_mlp", True)),
+            "target_modules": targets,
             "layer_selection": None if lora.layer_selection is None else list(lora.layer_selection),
             "variant": lora.variant, "base_model": hf, "base_model_name_or_path": cfg.model.hf_path or cfg.model.hub_id,
             "base_checkpoint": cfg.model.checkpoint}
@@ -151,11 +157,16 @@ def recompute_overrides(recompute: str) -> dict:
 
 def build_model(cfg: DictConfig, hf: dict):
     """GPTModel for this pipeline stage with the base weights loaded. peft.peft_scheme=lora freezes them and
-    applies (and restores) LoRA; none leaves every weight trainable (full-parameter SFT)."""
+    applies (and restores) LoRA; none leaves every weight trainable (full-parameter SFT). A Nemotron-H config
+    builds megatron-core's hybrid model the same way (recipes/engine/hybrid_training.py)."""
     from nemotune.converters.formats.checkpoint import load_megatron_weights
     from nemotune.recipes.engine.lora import print_trainable
     from nemotune.recipes.engine.model import build_gpt_model
 
+    if hf.get("family") == "nemotron_h":
+        from nemotune.recipes.engine.hybrid_training import build_training_model
+
+        return build_training_model(cfg, hf, lora=cfg.peft.peft_scheme == "lora")
     precision = cfg.trainer.precision
     params_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}.get(precision)
     model = build_gpt_model(hf, params_dtype=params_dtype,
@@ -190,6 +201,10 @@ def build_base_model(cfg: DictConfig, hf: dict):
     from nemotune.converters.formats.checkpoint import load_megatron_weights
     from nemotune.recipes.engine.model import build_gpt_model
 
+    if hf.get("family") == "nemotron_h":
+        from nemotune.recipes.engine.hybrid_training import build_training_model
+
+        return build_training_model(cfg, hf, lora=False, trainable=False)
     model = build_gpt_model(hf, calculate_per_token_loss=True)
     if cfg.model.checkpoint:
         check_base_shapes(model, cfg)

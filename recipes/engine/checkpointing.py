@@ -160,6 +160,11 @@ def _save_adapter(out: Path, state: dict, config: dict, tokenizer) -> None:
     """The consolidated adapter (an HF PEFT adapter) with the training tokenizer's files (its chat template)."""
     from nemotune.converters.formats.adapters import save_adapter
 
+    if (config.get("base_model") or {}).get("family") == "nemotron_h":
+        from nemotune.recipes.engine.hybrid_training import save_hybrid_adapter
+
+        save_hybrid_adapter(out, state, config, tokenizer=tokenizer)
+        return
     save_adapter(out, state, config, tokenizer=tokenizer)
 
 

@@ -257,8 +257,8 @@ def hf_config_of(cfg: DictConfig) -> dict:
     """The model's normalized HF config: model.hf_path's config.json when set, else model.hf_config.
     Raises ModelConfigError (converters/formats/hf_config.py) naming the file and the problem."""
     if cfg.model.hf_path:
-        return load_hf_config(cfg.model.hf_path)
-    return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True))
+        return load_hf_config(cfg.model.hf_path, hybrid=True)
+    return load_hf_config(OmegaConf.to_container(cfg.model.hf_config, resolve=True), hybrid=True)
 
 
 def distributed_optimizer(cfg: DictConfig) -> bool:
@@ -350,12 +350,17 @@ def validate(cfg: DictConfig, *, check_files: bool = True, host_path=None) -> No
         problems.append(f"peft.lora.variant={cfg.peft.lora.variant}: use one of {', '.join(VARIANTS)}")
     if cfg.peft.lora.dim < 1:
         problems.append(f"peft.lora.dim={cfg.peft.lora.dim}: must be >= 1")
-    from nemotune.recipes.engine.lora import resolve_targets
+    if hf and hf["family"] == "nemotron_h":  # the hybrid model's own targets and limits
+        from nemotune.recipes.engine.hybrid_training import hybrid_problems
 
-    try:
-        resolve_targets(list(cfg.peft.lora.target_modules))
-    except ValueError as err:
-        problems.append(f"peft.lora.target_modules: {err}")
+        problems.extend(hybrid_problems(cfg))
+    else:
+        from nemotune.recipes.engine.lora import resolve_targets
+
+        try:
+            resolve_targets(list(cfg.peft.lora.target_modules))
+        except ValueError as err:
+            problems.append(f"peft.lora.target_modules: {err}")
     if check_files:
         from nemotune.data_prep.tokenizer import looks_like_path, tokenizer_problem
 

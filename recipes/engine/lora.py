@@ -377,6 +377,11 @@ def _unshard(local: torch.Tensor, param) -> torch.Tensor:
     if getattr(param, "lora_swiglu", False):  # rank r holds cat(gate_r, up_r)
         pieces = [piece.chunk(2, dim=0) for piece in full.chunk(size, dim=0)]
         full = torch.cat([gate for gate, _ in pieces] + [up for _, up in pieces])
+    sections = getattr(param, "mamba_sections", None)
+    if sections is not None:  # rank r holds its slice of each Mamba in_proj section (z, x, B, C, dt)
+        local_sizes = [s // size for s in sections]
+        pieces = [piece.split(local_sizes, dim=0) for piece in full.chunk(size, dim=0)]
+        full = torch.cat([pieces[r][i] for i in range(len(sections)) for r in range(size)])
     return full.contiguous()
 
 

@@ -1,6 +1,6 @@
 """2-rank worker: a converted Nemotron-H checkpoint loaded at TP=2 gives transformers' logits (forward), the
 TP=1 model's gradients (backward, through the reference Mamba-2 kernels) and, with the same LoRA adapters, the
-TP=1 logits.
+TP=1 logits; the consolidated adapter gathered at TP=2 (what a training checkpoint's adapter/ holds) equals TP=1's.
 
 argv: HF dir, converted Megatron dir, output JSON (rank 0 writes {"logit_diff", "grad_diff"}).
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from nemotune.converters import nemotron_h
-from nemotune.recipes.engine import distributed
+from nemotune.recipes.engine import distributed, lora
 
 
 def gathered_logits(model, ids):
@@ -82,6 +82,8 @@ def main(hf_dir: str, ckpt: str, out: str) -> None:
             results[f"logits_tp{tp}"] = gathered_logits(model, ids)
         results[f"grads_tp{tp}"] = grads(model, ids)
         results[f"lora_tp{tp}"] = lora_logits(model, ids)
+        # the consolidated adapter a training checkpoint writes (every rank takes part; rank 0 gets it)
+        results[f"adapter_tp{tp}"] = lora.gather_adapter(model)
         parallel_state.destroy_model_parallel()
     report = {
         "logit_diff": (results["logits_tp2"] - expected).abs().max().item(),
@@ -93,6 +95,10 @@ def main(hf_dir: str, ckpt: str, out: str) -> None:
         "lora_effect": (results["lora_tp1"] - results["logits_tp1"]).abs().max().item(),
     }
     if torch.distributed.get_rank() == 0:
+        tp1, tp2 = results["adapter_tp1"], results["adapter_tp2"]
+        report["adapter_keys_equal"] = sorted(tp1) == sorted(tp2)
+        report["adapter_gather_diff"] = max((tp2[k] - tp1[k]).abs().max().item() for k in tp1)
+        report["adapter_in_proj_B"] = sum(k.endswith("adapter_layer.in_proj.linear_out.weight") for k in tp1)
         Path(out).write_text(json.dumps(report))
 
 
