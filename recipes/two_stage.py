@@ -34,6 +34,7 @@ def stage_configs(cfg: DictConfig) -> List[tuple[str, DictConfig]]:
                 str(k).startswith("rl.") for k in stage.overrides) else ""
             raise ConfigError([f"stages[{stage.name}].overrides: {compose_error(err)}{rl}"]) from None
         stage_cfg.stages = []
+        stage_cfg.run.stage = None  # one stage's own config is a single run (run.stage selects on the root)
         validate(stage_cfg)
         if out and out[-1][1].peft.peft_scheme == "lora" and stage_cfg.peft.peft_scheme == "none":
             raise ConfigError([f"stages[{stage.name}]: full SFT (peft.peft_scheme=none) cannot continue from the "

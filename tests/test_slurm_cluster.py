@@ -238,3 +238,37 @@ def test_pre_timeout_signal_checkpoints_requeues_and_resumes(slurm, tiny_assets,
     reference = {r["step"]: r["train/loss"] for r in _train_rows(completed_job[1])}
     assert [last[s]["train/loss"] for s in sorted(last)] == \
         pytest.approx([reference[s] for s in sorted(reference)], abs=1e-5)
+
+
+def test_three_stage_seed_recipe_runs_as_three_dependent_jobs(slurm, tiny_assets, tmp_path):
+    """`nemotune launch --config-name rl experiment=tiny_three_stage cluster=slurm`: one job per stage, each
+    waiting (afterok) for the one before; stage 2 starts from stage 1's adapter, stage 3 (GRPO on the rl split)
+    from stage 2's, and all three complete."""
+    run_dir = tmp_path / "three"
+    argv = ["--config-name", "rl", "experiment=tiny_three_stage", "cluster.module=nemotune.recipes.rl",
+            f"run.output_dir={run_dir}", "run.tensorboard=false", f"model.hf_path={tiny_assets['base']}",
+            f"model.checkpoint={tiny_assets['mcore']}", f"data.output_dir={tiny_assets['prep']}",
+            "peft.lora.dim=8", "trainer.sft.max_steps=1", "trainer.sft.limit_val_batches=1",
+            "cluster=slurm", "cluster.gpus_per_node=0", "cluster.nproc_per_node=1", "cluster.cpus_per_task=1",
+            "cluster.exclusive=false", "cluster.time=00:10:00", f"cluster.master_port={_free_port()}",
+            "+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.PYTHONWARNINGS=ignore"]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = launch_main(argv)
+    assert code == 0, err.getvalue()
+    jobs = [l.split(" as job ")[1].split()[0] for l in out.getvalue().splitlines() if l.startswith("Submitted ")]
+    SUBMITTED.extend(jobs)
+    assert len(jobs) == 3, out.getvalue()
+    assert _job(jobs[2])["Dependency"].startswith(f"afterok:{jobs[1]}") or _finished(jobs[1])
+    _wait(lambda: all(_finished(j) for j in jobs), 420, "the three stage jobs to finish", jobs[-1], run_dir)
+    logs = {j: "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{j}.out")) for j in jobs}
+    for job_id in jobs:
+        job = _job(job_id)
+        assert (job["JobState"], job["ExitCode"]) == ("COMPLETED", "0:0"), f"{job}\n{logs[job_id][-3000:]}"
+    for stage, previous in (("stage2", "stage1"), ("stage3", "stage2")):
+        state = json.loads((sorted((run_dir / stage / "checkpoints").glob("step*"))[-1] / "trainer_state.json")
+                           .read_text())
+        assert state["step"] == 1
+        assert f"starts from {run_dir / previous / 'checkpoints'}" in "".join(logs.values()), stage
+    rewards = [r for r in _rows(run_dir / "stage3") if "rl/reward_mean" in r or "train/reward_mean" in r]
+    assert rewards, _rows(run_dir / "stage3")
