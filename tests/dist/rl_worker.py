@@ -11,6 +11,8 @@ Writes, from rank 0:
   three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
   reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
                   adapter-on model vs the base: it must differ, or the check could not fail)
+  kv_cache        per layout (TP=1, TP=2, PP=2): the learned policy's greedy and sampled completions with
+                  megatron's KV cache and without (tokens, max |logit difference|, whether the cache was used)
 """
 import json
 import sys
@@ -81,6 +83,43 @@ def reference_check(adapter_dir) -> dict:
             "adapter_on_vs_base": (on - reference).abs().max().item()}
 
 
+def kv_cache_check(layout: str, adapter_dir) -> dict:
+    """Generation with the KV cache vs re-running the whole sequence, on the learned (nonzero) adapter, greedy
+    and sampled (G = 3 rows that differ), no stop token so every row runs the full length."""
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
+    from nemotune.recipes.engine.builders import build_lora_model, init_from_config
+    from nemotune.recipes.engine.config import hf_config_of
+    from nemotune.recipes.engine.rl import _RLTrainer, sample_tokens, sampling_generator
+
+    cfg = compose_rl([*COMMON, *GRPO, *LAYOUTS[layout], f"peft.restore_from={adapter_dir}"])
+    init_from_config(cfg)
+    hf = hf_config_of(cfg)
+    generator = _RLTrainer(tokenizer=load_tokenizer(*model_tokenizer(cfg.model)), cfg=cfg,
+                           model=[build_lora_model(cfg, hf)], optimizer=None, scheduler=None,
+                           train_samples=[None] * cfg.trainer.global_batch_size,
+                           val_samples=[], pad_id=0, seq_length=0, hf_config=hf, run_dir=ROOT / "kv_cache",
+                           checkpointer=None, log_metrics=False)
+    generator.stop_ids = []
+    prompt = torch.randint(5, hf["vocab_size"], (17,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = {}
+    for mode, rows in (("greedy", 1), ("sampled", 3)):
+        runs = {}
+        for cache in (False, True):
+            seen, noise = [], sampling_generator(0, 1, 0)
+
+            def choose(logits):
+                seen.append(logits.clone())
+                return logits.argmax(-1) if mode == "greedy" else sample_tokens(logits, 0.95, noise)
+
+            runs[cache] = (generator.generate(prompt, rows, 10, choose, kv_cache=cache)["completions"], seen)
+        diffs = [(a - b).abs().max().item() for a, b in zip(runs[False][1], runs[True][1])]
+        out[mode] = {"tokens": runs[False][0], "cached_tokens": runs[True][0],
+                     "max_logit_diff": max(diffs) if diffs else None, "logit_steps": len(diffs)}
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, out)  # the logits are seen on the last pipeline stage only
+    return next(part for part in every if part["greedy"]["logit_steps"])
+
+
 def main():
     results = {"grpo": {}, "dpo": {}}
     learned = grpo("dp2", LEARN_STEPS)
@@ -96,6 +135,7 @@ def main():
     train_rl(compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", "rl.dpo.pairs_split=rl",
                          "rl.dpo.max_new_tokens=4", "trainer.global_batch_size=4", "trainer.sft.max_steps=1",
                          f"run.output_dir={split_run}"]))
+    results["kv_cache"] = {layout: kv_cache_check(layout, learned.adapter_dir) for layout in LAYOUTS}
     results["reference"] = reference_check(learned.adapter_dir)
     # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
     from nemotune.recipes.rl import train_stage
