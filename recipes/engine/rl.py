@@ -3,13 +3,15 @@
 Both trainers are SupervisedTrainers (the same optimizer, LR schedule, checkpointer, metrics logger, resume
 rules and step loop); they replace only what one step does.
 
-* The reference policy is the same model with its adapters switched off (`adapter_disabled`): every LoRA delta
-  is scaled by 0, so the base output is returned unchanged and no second copy of the weights exists.
+* The reference policy is the policy RL started from (rl.reference=initial): the peft.restore_from adapter's
+  LoRA weights, kept as a frozen copy and swapped in for the reference pass (`adapter_weights`); with no starting
+  adapter, or rl.reference=base, the same model with its adapters switched off (`adapter_disabled`: every LoRA
+  delta scaled by 0, the base output unchanged). Either way no second copy of the base weights exists.
 * Log-probabilities come from the model's own loss path (forward with `labels`: vocab-parallel under TP,
   chunked over the vocabulary), through megatron's pipeline schedule, so any TP / PP / DP layout works.
 * GRPO (Shao et al. 2024, DeepSeekMath): G completions per prompt sampled from the current policy on the
   Megatron model (`Rollout`: temperature, top-p, Gumbel-max with a generator seeded by (run.seed, step,
-  prompt), so every layout and a resumed run draw the same samples), rewards from `rewards.Rewards`,
+  prompt), so every layout and a resumed run draw the same samples; decoding over megatron's KV cache), rewards from `rewards.Rewards`,
   group-normalised advantages, the PPO clipped token-level loss over generated tokens only, plus
   kl_coef x the k3 estimator of KL(policy || reference) per token; the loss is the sum over every generated
   token of the global batch divided by their count.
@@ -52,6 +54,31 @@ def adapter_disabled(model_chunks):
     finally:
         for a, s in zip(adapters, scales):
             a.scale = s
+
+
+def adapter_parameters(model_chunks) -> List[torch.nn.Parameter]:
+    """Every LoRA parameter of this rank (its TP shard, its pipeline stage), in a fixed order."""
+    from nemotune.recipes.engine.lora import _HookedAdapter
+
+    return [p for chunk in model_chunks for m in chunk.modules() if isinstance(m, _HookedAdapter)
+            for p in m.parameters()]
+
+
+@contextlib.contextmanager
+def adapter_weights(model_chunks, weights: Sequence[torch.Tensor]):
+    """The policy with other LoRA weights (`weights`, in `adapter_parameters` order) swapped in, and its own
+    restored bit for bit afterwards: the initial policy as the reference with no second model."""
+    params = adapter_parameters(model_chunks)
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, own):
+                p.copy_(w)
 
 
 @contextlib.contextmanager
@@ -252,6 +279,11 @@ class _RLTrainer(SupervisedTrainer):
     def __init__(self, *, tokenizer, **kwargs):
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
+        # the reference: the adapter RL starts from (peft.restore_from, before any resume loads a later one),
+        # frozen as a copy of the LoRA weights; without a starting adapter (or rl.reference=base) the base
+        reference = self.cfg.rl.get("reference", "initial") if "rl" in self.cfg else "base"
+        self.initial_adapter = [p.detach().clone() for p in adapter_parameters(self.model)] \
+            if reference == "initial" and self.cfg.peft.get("restore_from") else None
         eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
         self.stop_ids = sorted(t for t in eos if isinstance(t, int) and 0 <= t < len(tokenizer))
 
@@ -282,8 +314,8 @@ class _RLTrainer(SupervisedTrainer):
             micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only)
 
     def _token_logps(self, micro_batches: List[dict], *, reference: bool) -> List[Optional[torch.Tensor]]:
-        """Per-token log-probs of each micro-batch's labels (last stage; None elsewhere), adapter off for the
-        reference."""
+        """Per-token log-probs of each micro-batch's labels (last stage; None elsewhere), of the reference policy
+        (`reference_policy`) or the current one."""
         def collect(batch, per_token_loss):
             logp = -per_token_loss.detach().float()
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp}
@@ -291,12 +323,18 @@ class _RLTrainer(SupervisedTrainer):
         was_training = self.model[0].training
         for chunk in self.model:
             chunk.eval()
-        with torch.no_grad(), (adapter_disabled(self.model) if reference else contextlib.nullcontext()):
+        with torch.no_grad(), (self.reference_policy() if reference else contextlib.nullcontext()):
             outs = self._rl_schedule(micro_batches, True, collect)
         if was_training:
             for chunk in self.model:
                 chunk.train()
         return [o["logp"] for o in outs] if outs else [None] * len(micro_batches)
+
+    def reference_policy(self):
+        """The reference (rl.reference): the starting adapter's weights swapped in, or the adapter off."""
+        if self.initial_adapter is not None:
+            return adapter_weights(self.model, self.initial_adapter)
+        return adapter_disabled(self.model)
 
     def _update(self, micro_batches: List[dict], loss_fn):
         for chunk in self.model:
