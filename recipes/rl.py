@@ -178,13 +178,15 @@ def split_pairs(cfg: DictConfig, common: dict, prompts: list, pairs_file: Path, 
     return load_pairs(str(pairs_file), tokenizer)
 
 
-def train_stage(cfg: DictConfig, *, run_dir: Path, stage: str, step_offset: int = 0):
-    """One stage of a multi-stage experiment: supervised (rl.algorithm=sft, `nemotune train`'s loop) or RL."""
+def train_stage(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: Optional[str] = None,
+                step_offset: int = 0):
+    """One stage of a multi-stage experiment, or the one run (no run_dir / stage): supervised (rl.algorithm=sft,
+    `nemotune train`'s loop) or RL."""
     if cfg.rl.algorithm == "sft":
         from nemotune.recipes.lora_sft import train
 
-        return train(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
-    return train_rl(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
+        return train(cfg, run_dir=run_dir, stage=stage or "sft", step_offset=step_offset)
+    return train_rl(cfg, run_dir=run_dir, stage=stage or "rl", step_offset=step_offset)
 
 
 def _file_sha256(path) -> str:

@@ -1,7 +1,8 @@
 """Generation and answer-token loss through the serving format (HF base model + exported HF PEFT adapter).
 
-The same prompts go to the base model and to base + adapter: one model is loaded, and the base system runs
-inside ``PeftModel.disable_adapter()`` so both systems share every weight except the LoRA deltas.
+The same prompts go to the base model and to base + each adapter: one model is loaded with every adapter
+(PEFT's named adapters, one active at a time), and the base system runs inside ``PeftModel.disable_adapter()``
+so all systems share every weight except the LoRA deltas.
 
 Backends:
 * ``hf`` (default, CPU or GPU): ``transformers`` + ``peft``, batched greedy decoding with left padding.
