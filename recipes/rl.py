@@ -27,9 +27,11 @@ RL after SFT with the LoRA policy on megatron-core (conf/rl.yaml: the SFT groups
                       max_new_tokens); rewards rl.grpo.rewards=[{name: rouge_l, weight: 1.0}, ...] from
                       rouge_l, semantic, length_match, think_format or 'package.module:function';
                       group-normalised advantages, PPO-clipped token loss (rl.grpo.clip_eps), KL to the
-                      adapter-off reference (rl.grpo.kl_coef), rl.grpo.steps_per_rollout updates per rollout.
+                      reference (rl.grpo.kl_coef), rl.grpo.steps_per_rollout updates per rollout.
   rl.algorithm=dpo    pairs from rl.dpo.pairs (JSONL: prompt or messages, chosen, rejected), rl.dpo.beta,
-                      rl.dpo.label_smoothing; the reference is the adapter-off model.
+                      rl.dpo.label_smoothing, log-ratios to the reference.
+  rl.reference        initial (default): the policy RL starts from (the peft.restore_from adapter, or the base
+                      without one); base: the adapter switched off (the KL then also pulls towards the base).
 Start from an SFT adapter with peft.restore_from=<SFT run dir, checkpoint or adapter>. trainer.global_batch_size
 counts prompts (GRPO) or pairs (DPO) per step; trainer.sft.max_steps / max_epochs, optim, checkpoints and
 resume are as in `nemotune train`.
