@@ -1,6 +1,7 @@
 """Evaluate base vs LoRA on a prepared split: answer-token loss, generation, metrics, report.
 
     nemotune eval data_dir=<prepared> base_model=<hf dir> adapter=<hf peft dir> out_dir=<report dir> [eval.*=...]
+    nemotune eval ... 'adapters={sft: <hf peft dir>, rl: <hf peft dir>}'   # base vs several stages, one report
     (or: python -m nemotune.recipes.evaluate ...)
 
 prepared data (data_prep) -> tokenizer/adapter/base checks -> embedding model -> load base + PEFT adapter
@@ -17,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
@@ -40,7 +41,10 @@ reference, base, lora, metrics), summary.json and summary.md (mean, median, 95% 
 Required:
   data_dir=<dir>        prepared data (`nemotune prep`): <dir>/<split>.messages.jsonl (+ .tokenized.jsonl)
   base_model=<dir>      HF checkpoint dir of the base model (config.json + safetensors)
-  adapter=<dir>         HF PEFT adapter dir (adapter_config.json + adapter_model.safetensors)
+  adapter=<dir>         HF PEFT adapter dir (adapter_config.json + adapter_model.safetensors), the system
+                        "lora"; and/or
+  adapters={name: dir}  several adapters of the same base, one column each (e.g. the stages of a run:
+                        'adapters={sft: work/peft_sft, rl: work/peft_rl}'); each is compared with the base
   out_dir=<dir>         report dir, written atomically; an existing one is replaced only when it is a
                         previous eval report and eval.overwrite=true (nothing else is ever replaced)
 Common options (defaults in conf/eval.yaml):
@@ -98,7 +102,9 @@ class EvalSettings:
 class EvalConfig:
     data_dir: str = MISSING  # prepared data dir (nemotune prep): <data_dir>/<split>.messages.jsonl (+ .tokenized.jsonl)
     base_model: str = MISSING  # HF checkpoint dir of the base model
-    adapter: str = MISSING  # HF PEFT adapter dir (nemotune export hf-peft)
+    adapter: Optional[str] = None  # HF PEFT adapter dir (nemotune export hf-peft): the system "lora"
+    # more adapters of the same base, {system name: HF PEFT dir}, one report column each (e.g. sft, rl)
+    adapters: Any = None  # Any: Hydra cannot assign a dict to a typed empty one
     out_dir: str = MISSING  # report dir: predictions.jsonl, summary.json, summary.md (replaced atomically)
     tokenizer: Optional[str] = None  # null = the base model dir; "nemotune/tiny" = the packaged tiny tokenizer
     eval: EvalSettings = field(default_factory=EvalSettings)
@@ -155,10 +161,26 @@ def validate_eval(cfg: DictConfig) -> None:
                       ("base_model", "the HF base model dir"),
                       ("adapter", "the HF PEFT adapter dir (nemotune export hf-peft)"),
                       ("out_dir", "where to write the report")):
-        if OmegaConf.is_missing(cfg, key):
+        if key == "adapter" and cfg.get("adapter") is None:
+            if not cfg.get("adapters"):
+                problems.append("adapter: required; set adapter=<the HF PEFT adapter dir (nemotune export hf-peft)> "
+                                "or adapters={name: dir, ...}")
+        elif OmegaConf.is_missing(cfg, key):
             problems.append(f"{key}: required; set {key}=<{what}>")
         elif key != "out_dir" and not Path(cfg[key]).is_dir():
             problems.append(f"{key}={cfg[key]}: no such directory; fix the path to {what}")
+    named = cfg.get("adapters")
+    if named is not None and not isinstance(named, (DictConfig, dict)):
+        problems.append(f"adapters={named}: must be a mapping of system name to HF PEFT dir, e.g. "
+                        "'adapters={sft: work/peft_sft, rl: work/peft_rl}'")
+        named = None
+    for name, path in (named or {}).items():
+        if name in ("base", "lora") or not str(name).replace("_", "").replace("-", "").isalnum():
+            problems.append(f"adapters.{name}: not a usable system name (letters, digits, _ or -; not base or "
+                            "lora, which name the base model and `adapter`); rename it")
+        elif not Path(path).is_dir():
+            problems.append(f"adapters.{name}={path}: no such directory; fix the path to the HF PEFT adapter dir "
+                            "(nemotune export hf-peft)")
     ev = cfg.eval
     if ev.train_overrides:
         from nemotune.recipes.engine.config import check_overrides
@@ -188,7 +210,15 @@ EVAL_VERB = "eval"
 
 def _eval_inputs(cfg: DictConfig) -> list:
     return [cfg.get(key) for key in ("data_dir", "base_model", "adapter", "tokenizer")
-            if not OmegaConf.is_missing(cfg, key)] + [cfg.eval.embedding_model, cfg.eval.megatron_adapter]
+            if not OmegaConf.is_missing(cfg, key)] + [cfg.eval.embedding_model, cfg.eval.megatron_adapter] + \
+        list((cfg.get("adapters") or {}).values())
+
+
+def adapter_dirs(cfg: DictConfig) -> Dict[str, str]:
+    """{system name: HF PEFT dir} in report-column order: `adapter` (as "lora") first, then `adapters`."""
+    out = {"lora": str(cfg.adapter)} if cfg.get("adapter") is not None else {}
+    out.update({str(k): str(v) for k, v in (cfg.get("adapters") or {}).items()})
+    return out
 
 
 def _out_dir_problems(cfg: DictConfig) -> List[str]:
@@ -277,12 +307,13 @@ def megatron_losses(cfg: DictConfig) -> dict | None:
     from nemotune.recipes.engine.config import compose
 
     train_cfg = compose("lora_sft", [*cfg.eval.train_overrides, f"data.output_dir={cfg.data_dir}"])
+    dirs = adapter_dirs(cfg)
+    if cfg.eval.megatron_adapter and "lora" in dirs:
+        dirs["lora"] = str(cfg.eval.megatron_adapter)
     try:
-        return {
-            "base": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=None, with_lora=False),
-            "lora": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=str(cfg.eval.megatron_adapter or cfg.adapter),
-                                  with_lora=True),
-        }
+        return {"base": evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=None, with_lora=False),
+                **{name: evaluate_loss(train_cfg, cfg.eval.split, adapter_dir=path, with_lora=True)
+                   for name, path in dirs.items()}}
     finally:
         distributed.destroy_distributed()
 
@@ -306,7 +337,8 @@ def run_evaluation(cfg: DictConfig) -> dict:
     if ev.backend == "hf":
         tokenizer = generation.load_tokenizer(cfg.tokenizer or cfg.base_model)
         check_data_tokenizer(cfg.data_dir, tokenizer)
-    systems = generation.load_systems(ev.backend, cfg.base_model, cfg.adapter, tokenizer=tokenizer,
+    names = ["base", *adapter_dirs(cfg)]
+    systems = generation.load_systems(ev.backend, cfg.base_model, adapter_dirs(cfg), tokenizer=tokenizer,
                                       device=ev.device, dtype=ev.dtype)
     if ev.backend != "hf":
         check_data_tokenizer(cfg.data_dir, systems.tokenizer)
@@ -315,7 +347,7 @@ def run_evaluation(cfg: DictConfig) -> dict:
     tokenized = load_tokenized_for(cfg.data_dir, ev.split, examples) if ev.loss else None
     if tokenized is not None and hasattr(systems, "answer_loss"):
         losses["hf"] = {s: systems.answer_loss(tokenized, s, batch_size=ev.batch_size, progress=ev.progress)
-                        for s in ("base", "lora")}
+                        for s in names}
     elif ev.loss:
         log.warning("answer-token loss skipped: %s", "no tokenized split" if tokenized is None
                     else f"backend {ev.backend} has no loss")
@@ -326,26 +358,30 @@ def run_evaluation(cfg: DictConfig) -> dict:
     settings = GenerationSettings(max_new_tokens=ev.max_new_tokens, batch_size=ev.batch_size,
                                   thinking=ev.thinking, do_sample=ev.do_sample, seed=ev.seed,
                                   progress=ev.progress)
-    raw = generation.generate_both(systems, [e["messages"] for e in examples], settings)
+    raw = generation.generate_all(systems, [e["messages"] for e in examples], settings)
     # Metrics judge the final answer: a reasoning block ("detailed thinking on") is kept only in *_raw.
     answers = {s: [generation.strip_thinking(t) for t in texts] for s, texts in raw.items()}
     references = [e["reference"] for e in examples]
-    per_system = {s: eval_metrics.text_metrics(answers[s], references, embedder) for s in ("base", "lora")}
+    per_system = {s: eval_metrics.text_metrics(answers[s], references, embedder) for s in names}
 
     rows = []
     for i, e in enumerate(examples):
         row = {"id": e["id"], "prompt": e["prompt"], "reference": e["reference"],
-               "base": answers["base"][i], "lora": answers["lora"][i],
-               "metrics": {"base": per_system["base"][i], "lora": per_system["lora"][i]}}
-        row.update({f"{s}_raw": raw[s][i] for s in ("base", "lora") if raw[s][i] != answers[s][i]})
+               **{s: answers[s][i] for s in names}, "metrics": {s: per_system[s][i] for s in names}}
+        row.update({f"{s}_raw": raw[s][i] for s in names if raw[s][i] != answers[s][i]})
         rows.append(row)
-    summary = eval_metrics.summarize(rows, n_resamples=ev.bootstrap_resamples, confidence=ev.confidence,
-                                     seed=ev.seed)
+    # each adapter against the base (paired bootstrap); the first one is the summary's top-level comparison
+    comparisons = {s: eval_metrics.summarize(rows, systems=("base", s), n_resamples=ev.bootstrap_resamples,
+                                             confidence=ev.confidence, seed=ev.seed) for s in names[1:]}
+    summary = dict(comparisons[names[1]])
+    if len(names) > 2:
+        summary["systems"] = names
+        summary["comparisons"] = {s: c["metrics"] for s, c in comparisons.items()}
     if losses:
         summary["loss"] = losses
     summary["config"] = OmegaConf.to_container(cfg, resolve=True)
     summary["elapsed_s"] = round(time.time() - started, 3)
-    markdown = eval_metrics.summary_markdown(summary)
+    markdown = report_markdown(summary)
 
     with output_target(cfg.out_dir, verb=EVAL_VERB, overwrite=bool(cfg.eval.overwrite), inputs=_eval_inputs(cfg),
                        overwrite_hint="eval.overwrite=true") as tmp:
@@ -353,6 +389,39 @@ def run_evaluation(cfg: DictConfig) -> dict:
         (tmp / SUMMARY_JSON).write_text(json.dumps(summary, indent=2, allow_nan=True) + "\n", encoding="utf-8")
         (tmp / SUMMARY_MD).write_text(markdown, encoding="utf-8")
     return summary
+
+
+def report_markdown(summary: dict) -> str:
+    from nemotune.recipes.engine.eval_metrics import summary_markdown
+
+    return systems_markdown(summary) if "comparisons" in summary else summary_markdown(summary)
+
+
+def systems_markdown(summary: dict) -> str:
+    """The report of several adapters: one column per model (mean), then each adapter's difference from the
+    base with its bootstrap CI; the loss tables as for one adapter."""
+    from nemotune.recipes.engine.eval_metrics import METRICS, _fmt
+
+    names, comparisons = summary["systems"], summary["comparisons"]
+    adapters = names[1:]
+    conf = int(round(summary["bootstrap"]["confidence"] * 100))
+    lines = [f"{' vs '.join(names)} on {summary['n_examples']} examples (mean per model; difference = model - base "
+             f"with its {conf}% bootstrap CI, {summary['bootstrap']['n_resamples']} resamples, seed "
+             f"{summary['bootstrap']['seed']}).", "",
+             "| Metric | " + " | ".join(names) + " | " + " | ".join(f"{a} - base ({conf}% CI)" for a in adapters) + " |",
+             "|---|" + "---:|" * len(names) + "---|" * len(adapters)]
+    for metric in comparisons[adapters[0]]:
+        first = comparisons[adapters[0]][metric]
+        means = [_fmt(first["base_mean"])] + [_fmt(comparisons[a][metric]["lora_mean"]) for a in adapters]
+        diffs = [f"{_fmt(comparisons[a][metric]['diff_mean'])} [{_fmt(comparisons[a][metric]['diff_ci_low'])}, "
+                 f"{_fmt(comparisons[a][metric]['diff_ci_high'])}]" for a in adapters]
+        lines.append(f"| {METRICS.get(metric, metric)} | " + " | ".join(means + diffs) + " |")
+    for source, losses in summary.get("loss", {}).items():
+        lines += ["", f"Answer-token loss ({source}):", "", "| System | Loss | Perplexity | Answer tokens |",
+                  "|---|---:|---:|---:|"]
+        lines += [f"| {s} | {_fmt(losses[s]['loss'])} | {_fmt(losses[s]['perplexity'])} | {losses[s]['tokens']} |"
+                  for s in names if s in losses]
+    return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -379,9 +448,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     except (EvalConfigError, EmbeddingModelNotFoundError, FileNotFoundError, ValueError) as err:
         print(f"nemotune eval: error: {err}", file=sys.stderr)
         return 2
-    from nemotune.recipes.engine.eval_metrics import summary_markdown
-
-    print(summary_markdown(summary))
+    print(report_markdown(summary))
     print(f"report: {Path(cfg.out_dir).resolve()}/{{{PREDICTIONS},{SUMMARY_JSON},{SUMMARY_MD}}}")
     return 0
 

@@ -27,9 +27,11 @@ RL after SFT with the LoRA policy on megatron-core (conf/rl.yaml: the SFT groups
                       max_new_tokens); rewards rl.grpo.rewards=[{name: rouge_l, weight: 1.0}, ...] from
                       rouge_l, semantic, length_match, think_format or 'package.module:function';
                       group-normalised advantages, PPO-clipped token loss (rl.grpo.clip_eps), KL to the
-                      adapter-off reference (rl.grpo.kl_coef), rl.grpo.steps_per_rollout updates per rollout.
+                      reference (rl.grpo.kl_coef), rl.grpo.steps_per_rollout updates per rollout.
   rl.algorithm=dpo    pairs from rl.dpo.pairs (JSONL: prompt or messages, chosen, rejected), rl.dpo.beta,
-                      rl.dpo.label_smoothing; the reference is the adapter-off model.
+                      rl.dpo.label_smoothing, log-ratios to the reference.
+  rl.reference        initial (default): the policy RL starts from (the peft.restore_from adapter, or the base
+                      without one); base: the adapter switched off (the KL then also pulls towards the base).
 Start from an SFT adapter with peft.restore_from=<SFT run dir, checkpoint or adapter>. trainer.global_batch_size
 counts prompts (GRPO) or pairs (DPO) per step; trainer.sft.max_steps / max_epochs, optim, checkpoints and
 resume are as in `nemotune train`.
@@ -178,13 +180,15 @@ def split_pairs(cfg: DictConfig, common: dict, prompts: list, pairs_file: Path, 
     return load_pairs(str(pairs_file), tokenizer)
 
 
-def train_stage(cfg: DictConfig, *, run_dir: Path, stage: str, step_offset: int = 0):
-    """One stage of a multi-stage experiment: supervised (rl.algorithm=sft, `nemotune train`'s loop) or RL."""
+def train_stage(cfg: DictConfig, *, run_dir: Optional[Path] = None, stage: Optional[str] = None,
+                step_offset: int = 0):
+    """One stage of a multi-stage experiment, or the one run (no run_dir / stage): supervised (rl.algorithm=sft,
+    `nemotune train`'s loop) or RL."""
     if cfg.rl.algorithm == "sft":
         from nemotune.recipes.lora_sft import train
 
-        return train(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
-    return train_rl(cfg, run_dir=run_dir, stage=stage, step_offset=step_offset)
+        return train(cfg, run_dir=run_dir, stage=stage or "sft", step_offset=step_offset)
+    return train_rl(cfg, run_dir=run_dir, stage=stage or "rl", step_offset=step_offset)
 
 
 def _file_sha256(path) -> str:

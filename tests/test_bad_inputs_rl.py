@@ -23,6 +23,8 @@ CASES = [
               "PYTHONPATH")),
     BadInput("one_completion_per_prompt", (*RL, "rl.grpo.num_generations=1"),
              ("rl.grpo.num_generations=1", "GRPO needs >= 2", "baseline")),
+    BadInput("unknown_reference_policy", (*RL, "rl.reference=sft"),
+             ("rl.reference=sft", "use initial (the policy RL starts from) or base")),
     BadInput("full_sft_policy", (*RL, "peft=none"),
              ("peft.peft_scheme=none", "trains a LoRA policy", "set peft=lora")),
     BadInput("pairs_with_empty_chosen", (*DPO, "rl.dpo.pairs={empty_chosen}"),

@@ -142,6 +142,45 @@ def test_main_cli(assets, tmp_path, capsys):
         assert key in err
 
 
+def test_several_adapters_get_one_column_each_against_the_base(assets, tmp_path, capsys):
+    """The three-stage report: base, after SFT, after RL. The zero adapter ("sft") answers exactly like the
+    base, the random one ("rl") does not: a mix-up of the adapters (or one left active) would show."""
+    out = tmp_path / "stages"
+    rc = evaluate.main([f"data_dir={assets['data']}", f"base_model={assets['base']}", f"out_dir={out}",
+                        f"adapters={{sft: {assets['zero_adapter']}, rl: {assets['adapter']}}}", "eval.limit=3",
+                        "eval.max_new_tokens=8", "eval.semantic_similarity=false", "eval.progress=false",
+                        "eval.bootstrap_resamples=50"])
+    printed, errors = capsys.readouterr()
+    assert rc == 0, errors
+    rows = read_rows(out)
+    assert len(rows) == 3 and set(rows[0]["metrics"]) == {"base", "sft", "rl"}
+    assert [r["sft"] for r in rows] == [r["base"] for r in rows]
+    assert any(r["rl"] != r["base"] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["systems"] == ["base", "sft", "rl"]
+    sft, rl = summary["comparisons"]["sft"], summary["comparisons"]["rl"]
+    assert sft["rouge_l_f1"]["diff_mean"] == 0.0 and sft["length_ratio"]["diff_mean"] == 0.0
+    assert rl["rouge_l_f1"]["lora_mean"] == pytest.approx(sum(r["metrics"]["rl"]["rouge_l_f1"] for r in rows) / 3)
+    hf = summary["loss"]["hf"]
+    assert hf["sft"]["loss"] == pytest.approx(hf["base"]["loss"], rel=1e-6)
+    assert hf["rl"]["loss"] != pytest.approx(hf["base"]["loss"], rel=1e-3)
+    table = (out / "summary.md").read_text()
+    assert "| Metric | base | sft | rl | sft - base (95% CI) | rl - base (95% CI) |" in table
+    assert "| rl | " in table and table in printed
+
+
+def test_several_adapters_bad_names_and_paths_are_refused_at_once(assets, tmp_path):
+    cfg = evaluate.make_config(data_dir=str(assets["data"]), base_model=str(assets["base"]), out_dir=str(tmp_path / "r"),
+                               adapters={"base": str(assets["adapter"]), "rl": str(tmp_path / "nowhere")})
+    with pytest.raises(evaluate.EvalConfigError) as err:
+        evaluate.validate_eval(cfg)
+    assert [p.split(":")[0] for p in err.value.problems] == ["adapters.base", f"adapters.rl={tmp_path / 'nowhere'}"]
+    assert "not base or lora" in err.value.problems[0] and "no such directory" in err.value.problems[1]
+    none = evaluate.make_config(data_dir=str(assets["data"]), base_model=str(assets["base"]), out_dir=str(tmp_path))
+    with pytest.raises(evaluate.EvalConfigError, match="adapters=\\{name: dir"):
+        evaluate.validate_eval(none)
+
+
 # ------------------------------------------------------------------------------------------ bad inputs
 def assert_no_report(out: Path):
     assert not out.exists()

@@ -125,8 +125,9 @@ def test_rl_config_refuses_every_problem_at_once():
     from nemotune.recipes.rl import compose_rl
 
     cfg = compose_rl(["rl.grpo.num_generations=1", "rl.grpo.top_p=0", "rl.grpo.rewards=[{name:bleu}]",
-                      "trainer.micro_batch_size=2"])
+                      "trainer.micro_batch_size=2", "rl.reference=sft"])
     problems = rl_problems(cfg)
+    assert any(p.startswith("rl.reference=sft: use initial") for p in problems)
     assert any(p.startswith("rl.grpo.num_generations=1: GRPO needs >= 2") for p in problems)
     assert any(p.startswith("rl.grpo.top_p=0.0") for p in problems)
     assert any(p.startswith("rl.grpo.rewards[0].name=bleu") for p in problems)
@@ -187,6 +188,31 @@ def test_grpo_layouts_give_the_tp1_losses_and_rewards(rl_runs, layout):
     for step in other:
         for key in ("train/loss", "rl/reward_mean", "rl/kl", "rl/entropy"):
             assert other[step][key] == pytest.approx(base[step][key], abs=1e-5), (layout, step, key)
+
+
+@pytest.mark.parametrize("layout", ["dp2", "tp2", "pp2"])
+def test_kv_cache_generation_equals_rerunning_the_sequence(rl_runs, layout):
+    """TP=1 (dp2), TP=2 and PP=2: the prompt (17 tokens) runs once and each new token is one position over
+    megatron's KV cache, with the tokens and logits (<= 1e-5) of re-running the whole sequence per token."""
+    for mode, rows in (("greedy", 1), ("sampled", 3)):
+        check = rl_runs["kv_cache"][layout][mode]
+        assert check["cached_widths"] == [17] + [1] * 9, (layout, mode)
+        assert check["widths"] == list(range(17, 27)), (layout, mode)
+        assert check["cached_tokens"] == check["tokens"] and len(check["tokens"]) == rows, (layout, mode)
+        assert all(len(t) == 10 for t in check["tokens"])
+        assert check["logit_steps"] == 10 and check["max_logit_diff"] <= 1e-5, (layout, mode, check)
+    sampled = rl_runs["kv_cache"][layout]["sampled"]["tokens"]
+    assert len({tuple(t) for t in sampled}) > 1  # the rows differ: each row's cache is its own
+
+
+def test_reference_is_the_starting_adapter_or_the_base_as_configured(rl_runs):
+    """A policy started from an adapter and then moved: rl.reference=initial scores with the starting adapter
+    (not the base, not the current policy), rl.reference=base with the adapter off; neither pass changes the
+    policy."""
+    initial, base = rl_runs["initial_reference"]["initial"], rl_runs["initial_reference"]["base"]
+    assert initial["vs_start"] <= 1e-6 and initial["vs_base"] > 1e-3 and initial["vs_current"] > 1e-3
+    assert base["vs_base"] <= 1e-6 and base["vs_start"] > 1e-3 and base["vs_current"] > 1e-3
+    assert initial["current_kept"] == 0.0 and base["current_kept"] == 0.0
 
 
 def test_grpo_stopped_and_rerun_resumes_with_the_same_rewards(rl_runs):

@@ -519,6 +519,10 @@ class DPOConfig:
 @dataclass
 class RLConfig:
     algorithm: str = "grpo"
+    # the KL (GRPO) / log-ratio (DPO) reference: `initial` = the policy RL starts from (the peft.restore_from adapter,
+    # kept as a frozen copy of the LoRA weights only; the base when RL starts from a fresh adapter); `base` = the
+    # adapter switched off (kl_coef then also pulls the policy back towards the base, away from its SFT)
+    reference: str = "initial"
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
 
@@ -542,6 +546,9 @@ def rl_problems(cfg: DictConfig, *, check_files: bool = True) -> List[str]:
         problems.append(f"rl.algorithm={rl.algorithm}: use one of {', '.join(RL_ALGORITHMS)}")
     if rl.algorithm == "sft":  # a supervised stage: validate() covers it
         return problems
+    if rl.get("reference", "initial") not in ("initial", "base"):
+        problems.append(f"rl.reference={rl.reference}: use initial (the policy RL starts from) or base (the adapter "
+                        "switched off)")
     if cfg.peft.peft_scheme != "lora":
         problems.append(f"peft.peft_scheme={cfg.peft.peft_scheme}: `nemotune rl` trains a LoRA policy (its reference "
                         "is the same model with the adapter switched off); set peft=lora, starting from a full-SFT "

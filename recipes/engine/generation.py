@@ -1,7 +1,8 @@
 """Generation and answer-token loss through the serving format (HF base model + exported HF PEFT adapter).
 
-The same prompts go to the base model and to base + adapter: one model is loaded, and the base system runs
-inside ``PeftModel.disable_adapter()`` so both systems share every weight except the LoRA deltas.
+The same prompts go to the base model and to base + each adapter: one model is loaded with every adapter
+(PEFT's named adapters, one active at a time), and the base system runs inside ``PeftModel.disable_adapter()``
+so all systems share every weight except the LoRA deltas.
 
 Backends:
 * ``hf`` (default, CPU or GPU): ``transformers`` + ``peft``, batched greedy decoding with left padding.
@@ -185,27 +186,42 @@ def _default_device(device: str | None) -> str:
     return device or accelerator()
 
 
-class HFSystems:
-    """Base model + PEFT adapter, loaded once; ``generate``/``answer_loss`` for either system."""
+def adapter_systems(adapters) -> dict:
+    """{system name: adapter dir}: one dir is the system "lora"; a mapping names each system (e.g. sft, rl)."""
+    if isinstance(adapters, (str, Path)):
+        return {"lora": Path(adapters)}
+    return {str(name): Path(path) for name, path in dict(adapters).items()}
 
-    def __init__(self, base_dir: str | Path, adapter_dir: str | Path, *, tokenizer=None, device: str | None = None,
+
+class HFSystems:
+    """Base model + one or more PEFT adapters, loaded once (the base weights shared); ``generate`` /
+    ``answer_loss`` for the system "base" (every adapter off) or any adapter's system name."""
+
+    def __init__(self, base_dir: str | Path, adapters, *, tokenizer=None, device: str | None = None,
                  dtype: str | None = None):
         import torch
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
-        self.base_dir, self.adapter_dir = Path(base_dir), Path(adapter_dir)
+        self.adapters = adapter_systems(adapters)
+        self.base_dir = Path(base_dir)
+        self.adapter_dir = next(iter(self.adapters.values()))
         if not (self.base_dir / "config.json").is_file():
             raise EvalInputError(f"base model dir {self.base_dir} has no config.json (an HF checkpoint dir is "
                                  "needed; convert a Megatron checkpoint with python -m nemotune.converters.convert)")
-        read_adapter_config(self.adapter_dir)
+        for adapter_dir in self.adapters.values():
+            read_adapter_config(adapter_dir)
         self.device = _default_device(device)
         self.tokenizer = tokenizer if tokenizer is not None else load_tokenizer(self.base_dir)
         self.tokenizer.padding_side = "left"
         base = AutoModelForCausalLM.from_pretrained(self.base_dir, dtype=_torch_dtype(dtype, self.device))
         check_tokenizer_fits(self.tokenizer, base.config.vocab_size, str(self.base_dir))
-        check_adapter_fits(base, self.adapter_dir, self.base_dir)
-        self.model = PeftModel.from_pretrained(base, str(self.adapter_dir), is_trainable=False)
+        for adapter_dir in self.adapters.values():
+            check_adapter_fits(base, adapter_dir, self.base_dir)
+        (first, first_dir), *rest = self.adapters.items()
+        self.model = PeftModel.from_pretrained(base, str(first_dir), adapter_name=first, is_trainable=False)
+        for name, adapter_dir in rest:
+            self.model.load_adapter(str(adapter_dir), adapter_name=name, is_trainable=False)
         self.model.to(self.device).eval()
         self.vocab_size = base.config.vocab_size
         self._torch = torch
@@ -215,9 +231,10 @@ class HFSystems:
 
         if system == "base":
             return self.model.disable_adapter()
-        if system == "lora":
+        if system in self.adapters:
+            self.model.set_adapter(system)
             return contextlib.nullcontext()
-        raise ValueError(f"system must be 'base' or 'lora', got {system!r}")
+        raise ValueError(f"system must be 'base' or one of {list(self.adapters)}, got {system!r}")
 
     def generate(self, prompts: Sequence[str], system: str, settings: GenerationSettings) -> list[str]:
         torch = self._torch
@@ -303,7 +320,7 @@ def masked_next_token_loss(logits, input_ids, loss_mask) -> tuple[float, int]:
 class VLLMSystems:
     """vLLM engine with LoRA enabled; the LoRA system passes a LoRARequest, the base system none."""
 
-    def __init__(self, base_dir: str | Path, adapter_dir: str | Path, *, max_lora_rank: int | None = None,
+    def __init__(self, base_dir: str | Path, adapters, *, max_lora_rank: int | None = None,
                  dtype: str | None = None, **engine_kwargs):
         try:
             from vllm import LLM
@@ -313,11 +330,13 @@ class VLLMSystems:
                 "eval.backend=vllm needs the vllm package (GPU only), which is not importable here: "
                 f"{err}. Fix: pip install vllm on a GPU machine, or use eval.backend=hf (works on CPU)."
             ) from err
-        cfg = read_adapter_config(adapter_dir)
-        rank = max_lora_rank or max(8, int(cfg.get("r", 8)))
+        self.adapters = adapter_systems(adapters)
+        ranks = [int(read_adapter_config(d).get("r", 8)) for d in self.adapters.values()]
+        rank = max_lora_rank or max(8, *ranks)
         self.llm = LLM(model=str(base_dir), enable_lora=True, max_lora_rank=rank, dtype=dtype or "auto",
-                       **engine_kwargs)
-        self.lora_request = LoRARequest("nemotune-adapter", 1, str(adapter_dir))
+                       max_loras=len(self.adapters), **engine_kwargs)
+        self.lora_requests = {name: LoRARequest(f"nemotune-{name}", i, str(d))
+                              for i, (name, d) in enumerate(self.adapters.items(), 1)}
         self.tokenizer = self.llm.get_tokenizer()
 
     def generate(self, prompts: Sequence[str], system: str, settings: GenerationSettings) -> list[str]:
@@ -329,7 +348,9 @@ class VLLMSystems:
             top_p=settings.top_p if settings.do_sample else 1.0,
             seed=settings.seed,
         )
-        request = self.lora_request if system == "lora" else None
+        if system != "base" and system not in self.lora_requests:
+            raise ValueError(f"system must be 'base' or one of {list(self.lora_requests)}, got {system!r}")
+        request = self.lora_requests.get(system)
         # The chat template already carries BOS: pass token ids so vLLM does not add a second one.
         token_prompts = [{"prompt_token_ids": self.tokenizer(p, add_special_tokens=False)["input_ids"]}
                          for p in prompts]
@@ -337,15 +358,21 @@ class VLLMSystems:
         return [o.outputs[0].text.strip() for o in outs]
 
 
-def load_systems(backend: str, base_dir, adapter_dir, *, tokenizer=None, device=None, dtype=None):
+def load_systems(backend: str, base_dir, adapters, *, tokenizer=None, device=None, dtype=None):
+    """`adapters`: one HF PEFT dir (the system "lora") or {system name: dir}."""
     if backend == "hf":
-        return HFSystems(base_dir, adapter_dir, tokenizer=tokenizer, device=device, dtype=dtype)
+        return HFSystems(base_dir, adapters, tokenizer=tokenizer, device=device, dtype=dtype)
     if backend == "vllm":
-        return VLLMSystems(base_dir, adapter_dir, dtype=dtype)
+        return VLLMSystems(base_dir, adapters, dtype=dtype)
     raise ValueError(f"eval.backend must be one of {BACKENDS}, got {backend!r}")
+
+
+def generate_all(systems, conversations: Sequence[Sequence[dict]], settings: GenerationSettings) -> dict[str, list[str]]:
+    """Answers of the base model and of base + each adapter for the same chat-templated prompts."""
+    prompts = render_prompts(systems.tokenizer, [prompt_messages(c, settings.thinking) for c in conversations])
+    return {system: systems.generate(prompts, system, settings) for system in ("base", *systems.adapters)}
 
 
 def generate_both(systems, conversations: Sequence[Sequence[dict]], settings: GenerationSettings) -> dict[str, list[str]]:
     """Greedy answers of the base model and of base + adapter for the same chat-templated prompts."""
-    prompts = render_prompts(systems.tokenizer, [prompt_messages(c, settings.thinking) for c in conversations])
-    return {system: systems.generate(prompts, system, settings) for system in ("base", "lora")}
+    return generate_all(systems, conversations, settings)

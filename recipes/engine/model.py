@@ -164,7 +164,8 @@ def _sdpa_core_attention():
 
         megatron's DotProductAttention materializes [b, heads, s, s] scores (baddbmm, masked_fill, softmax,
         bmm and their copies): most of a CPU step. SDPA gives the same losses (1e-7) at about twice the
-        speed (bench/train_cpu.py); with a DocumentMask it runs causally per packed document.
+        speed (bench/train_cpu.py); with a DocumentMask it runs causally per packed document. Queries fewer
+        than the keys (decoding with megatron's KV cache) attend causally with the offset.
         """
 
         def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
@@ -184,6 +185,12 @@ def _sdpa_core_attention():
                                         is_causal=True, scale=self.softmax_scale) for s, e in spans], dim=2)
                         for b, spans in enumerate(spans_of_rows)]
                 out = torch.cat(rows, dim=0)
+            elif attention_mask is None and q.shape[2] != k.shape[2]:
+                # KV-cache decoding: the queries are the last positions of the cached keys, so causal means
+                # key j <= query i + (keys - queries) (torch's is_causal aligns the mask top-left instead)
+                offset = k.shape[2] - q.shape[2]
+                allowed = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril(offset)
+                out = sdpa(q, k, v, attn_mask=allowed, scale=self.softmax_scale)
             else:
                 allowed = None if attention_mask is None else ~attention_mask  # megatron: True = masked out
                 out = sdpa(q, k, v, attn_mask=allowed, is_causal=allowed is None, scale=self.softmax_scale)

@@ -3,13 +3,15 @@
 Both trainers are SupervisedTrainers (the same optimizer, LR schedule, checkpointer, metrics logger, resume
 rules and step loop); they replace only what one step does.
 
-* The reference policy is the same model with its adapters switched off (`adapter_disabled`): every LoRA delta
-  is scaled by 0, so the base output is returned unchanged and no second copy of the weights exists.
+* The reference policy is the policy RL started from (rl.reference=initial): the peft.restore_from adapter's
+  LoRA weights, kept as a frozen copy and swapped in for the reference pass (`adapter_weights`); with no starting
+  adapter, or rl.reference=base, the same model with its adapters switched off (`adapter_disabled`: every LoRA
+  delta scaled by 0, the base output unchanged). Either way no second copy of the base weights exists.
 * Log-probabilities come from the model's own loss path (forward with `labels`: vocab-parallel under TP,
   chunked over the vocabulary), through megatron's pipeline schedule, so any TP / PP / DP layout works.
 * GRPO (Shao et al. 2024, DeepSeekMath): G completions per prompt sampled from the current policy on the
   Megatron model (`Rollout`: temperature, top-p, Gumbel-max with a generator seeded by (run.seed, step,
-  prompt), so every layout and a resumed run draw the same samples), rewards from `rewards.Rewards`,
+  prompt), so every layout and a resumed run draw the same samples; decoding over megatron's KV cache), rewards from `rewards.Rewards`,
   group-normalised advantages, the PPO clipped token-level loss over generated tokens only, plus
   kl_coef x the k3 estimator of KL(policy || reference) per token; the loss is the sum over every generated
   token of the global batch divided by their count.
@@ -52,6 +54,31 @@ def adapter_disabled(model_chunks):
     finally:
         for a, s in zip(adapters, scales):
             a.scale = s
+
+
+def adapter_parameters(model_chunks) -> List[torch.nn.Parameter]:
+    """Every LoRA parameter of this rank (its TP shard, its pipeline stage), in a fixed order."""
+    from nemotune.recipes.engine.lora import _HookedAdapter
+
+    return [p for chunk in model_chunks for m in chunk.modules() if isinstance(m, _HookedAdapter)
+            for p in m.parameters()]
+
+
+@contextlib.contextmanager
+def adapter_weights(model_chunks, weights: Sequence[torch.Tensor]):
+    """The policy with other LoRA weights (`weights`, in `adapter_parameters` order) swapped in, and its own
+    restored bit for bit afterwards: the initial policy as the reference with no second model."""
+    params = adapter_parameters(model_chunks)
+    own = [p.detach().clone() for p in params]
+    with torch.no_grad():
+        for p, w in zip(params, weights):
+            p.copy_(w)
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for p, w in zip(params, own):
+                p.copy_(w)
 
 
 @contextlib.contextmanager
@@ -252,6 +279,11 @@ class _RLTrainer(SupervisedTrainer):
     def __init__(self, *, tokenizer, **kwargs):
         super().__init__(**kwargs)
         self.tokenizer = tokenizer
+        # the reference: the adapter RL starts from (peft.restore_from, before any resume loads a later one),
+        # frozen as a copy of the LoRA weights; without a starting adapter (or rl.reference=base) the base
+        reference = self.cfg.rl.get("reference", "initial") if "rl" in self.cfg else "base"
+        self.initial_adapter = [p.detach().clone() for p in adapter_parameters(self.model)] \
+            if reference == "initial" and self.cfg.peft.get("restore_from") else None
         eos = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|eot_id|>")}
         self.stop_ids = sorted(t for t in eos if isinstance(t, int) and 0 <= t < len(tokenizer))
 
@@ -260,7 +292,10 @@ class _RLTrainer(SupervisedTrainer):
         device = distributed.device()
         tokens, positions = batch["tokens"].to(device), batch["position_ids"].to(device)
         if logits_only:
-            return model(tokens, positions, None), lambda out: _logits_output(out)
+            context = batch.get("inference_context")
+            # megatron's inference path gathers the vocab-parallel logits itself (it refuses not to)
+            kwargs = {} if context is None else {"inference_context": context, "runtime_gather_output": True}
+            return model(tokens, positions, None, **kwargs), lambda out: _logits_output(out)
         labels, weights = batch["labels"].to(device), batch["loss_weights"].to(device)
         per_token_loss = model(tokens, positions, None, labels=labels, loss_mask=weights)
         return per_token_loss, lambda out: loss_fn(batch, out)
@@ -279,8 +314,8 @@ class _RLTrainer(SupervisedTrainer):
             micro_batch_size=micro_batches[0]["tokens"].shape[0], forward_only=forward_only)
 
     def _token_logps(self, micro_batches: List[dict], *, reference: bool) -> List[Optional[torch.Tensor]]:
-        """Per-token log-probs of each micro-batch's labels (last stage; None elsewhere), adapter off for the
-        reference."""
+        """Per-token log-probs of each micro-batch's labels (last stage; None elsewhere), of the reference policy
+        (`reference_policy`) or the current one."""
         def collect(batch, per_token_loss):
             logp = -per_token_loss.detach().float()
             return logp.sum() * 0, torch.ones((), dtype=torch.int), {"logp": logp}
@@ -288,12 +323,18 @@ class _RLTrainer(SupervisedTrainer):
         was_training = self.model[0].training
         for chunk in self.model:
             chunk.eval()
-        with torch.no_grad(), (adapter_disabled(self.model) if reference else contextlib.nullcontext()):
+        with torch.no_grad(), (self.reference_policy() if reference else contextlib.nullcontext()):
             outs = self._rl_schedule(micro_batches, True, collect)
         if was_training:
             for chunk in self.model:
                 chunk.train()
         return [o["logp"] for o in outs] if outs else [None] * len(micro_batches)
+
+    def reference_policy(self):
+        """The reference (rl.reference): the starting adapter's weights swapped in, or the adapter off."""
+        if self.initial_adapter is not None:
+            return adapter_weights(self.model, self.initial_adapter)
+        return adapter_disabled(self.model)
 
     def _update(self, micro_batches: List[dict], loss_fn):
         for chunk in self.model:
@@ -317,21 +358,28 @@ class _RLTrainer(SupervisedTrainer):
 
     # ---- generation on the Megatron model (any TP / PP layout) ----
     @torch.no_grad()
-    def _next_token_logits(self, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    def _next_token_logits(self, tokens: torch.Tensor, context=None, offset: int = 0) -> Optional[torch.Tensor]:
+        """Logits of the token after `tokens` ([rows, V], last stage; None elsewhere). With a KV cache
+        (`context`), `tokens` are only the positions from `offset` on; the cache holds the ones before."""
         from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-        batch = {"tokens": tokens, "position_ids": torch.arange(tokens.shape[1]).expand_as(tokens)}
+        positions = torch.arange(offset, offset + tokens.shape[1], device=tokens.device).expand_as(tokens)
+        batch = {"tokens": tokens, "position_ids": positions, "inference_context": context}
         outs = self._rl_schedule([batch], True, logits_only=True)
         if not outs:
             return None
-        last = outs[0]["logits"][:, -1, :].contiguous()  # [rows, V / TP]
-        return gather_from_tensor_model_parallel_region(last).float()
+        last = outs[0]["logits"][:, -1, :].contiguous()  # [rows, V / TP], or [rows, V] already with the cache
+        return (last if context is not None else gather_from_tensor_model_parallel_region(last)).float()
 
     @torch.no_grad()
-    def generate(self, prompt_ids: List[int], rows: int, max_new_tokens: int, choose) -> dict:
+    def generate(self, prompt_ids: List[int], rows: int, max_new_tokens: int, choose, kv_cache: bool = True) -> dict:
         """`rows` completions of one prompt: `choose(logits [rows, V]) -> token ids` on the last pipeline stage,
         broadcast to the others. Returns the token ids (each up to and including its stop token) and the sum
-        of the per-token entropies of the distributions they were drawn from (last stage; 0 elsewhere)."""
+        of the per-token entropies of the distributions they were drawn from (last stage; 0 elsewhere).
+
+        With `kv_cache` (and megatron's static inference context importable) the prompt runs once and each new
+        token is one position over megatron's KV cache, on every stage of any TP / PP layout; otherwise each
+        new token re-runs the whole sequence. Both give the same tokens (logits equal to 1e-5, tested)."""
         from megatron.core import parallel_state
 
         device = distributed.device()
@@ -340,24 +388,40 @@ class _RLTrainer(SupervisedTrainer):
         lengths = torch.zeros(rows, dtype=torch.long)
         entropy_sum = 0.0
         stop = torch.tensor(self.stop_ids, dtype=torch.long)
-        for _ in range(max_new_tokens):
-            logits = self._next_token_logits(tokens)
-            if logits is not None:
-                next_tokens = choose(logits)
-                logp = torch.log_softmax(logits.float().cpu(), dim=-1)
-                entropy_sum += float((-(logp.exp() * logp).sum(-1) * (~done)).sum())
-            else:
-                next_tokens = torch.zeros(rows, dtype=torch.long)
-            if parallel_state.get_pipeline_model_parallel_world_size() > 1:
-                next_tokens = next_tokens.to(device)
-                torch.distributed.broadcast(next_tokens, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                                            group=parallel_state.get_pipeline_model_parallel_group())
-            next_tokens = next_tokens.cpu()
-            lengths += (~done).long()
-            done |= torch.isin(next_tokens, stop)
-            tokens = torch.cat([tokens, next_tokens.to(device)[:, None]], dim=1)
-            if bool(done.all()):
-                break
+        context = static_inference_context(rows, len(prompt_ids) + max_new_tokens) if kv_cache else None
+        modes = [chunk.training for chunk in self.model]
+        if context is not None:  # megatron reads and fills the cache only in eval mode
+            for chunk in self.model:
+                chunk.eval()
+        try:
+            feed = tokens
+            for _ in range(max_new_tokens):
+                if context is None:
+                    logits = self._next_token_logits(tokens)
+                else:
+                    logits = self._next_token_logits(feed, context, context.sequence_len_offset)
+                    context.sequence_len_offset += feed.shape[1]
+                if logits is not None:
+                    next_tokens = choose(logits)
+                    logp = torch.log_softmax(logits.float().cpu(), dim=-1)
+                    entropy_sum += float((-(logp.exp() * logp).sum(-1) * (~done)).sum())
+                else:
+                    next_tokens = torch.zeros(rows, dtype=torch.long)
+                if parallel_state.get_pipeline_model_parallel_world_size() > 1:
+                    next_tokens = next_tokens.to(device)
+                    torch.distributed.broadcast(next_tokens,
+                                                src=parallel_state.get_pipeline_model_parallel_last_rank(),
+                                                group=parallel_state.get_pipeline_model_parallel_group())
+                next_tokens = next_tokens.cpu()
+                lengths += (~done).long()
+                done |= torch.isin(next_tokens, stop)
+                feed = next_tokens.to(device)[:, None]
+                tokens = torch.cat([tokens, feed], dim=1)
+                if bool(done.all()):
+                    break
+        finally:
+            for chunk, mode in zip(self.model, modes):
+                chunk.train(mode)
         start = len(prompt_ids)
         return {"completions": [tokens[i, start:start + int(lengths[i])].tolist() for i in range(rows)],
                 "entropy_sum": entropy_sum}
@@ -382,6 +446,19 @@ class _RLTrainer(SupervisedTrainer):
 
     def _collate(self, samples: Sequence[batches.Sample]) -> dict:
         return batches.collate(list(samples), self.pad_id, pad_to=self.seq_length if self.pipeline else 0)
+
+
+def static_inference_context(rows: int, max_length: int):
+    """megatron's KV cache for `rows` sequences of up to `max_length` tokens (StaticInferenceContext, formerly
+    InferenceParams), or None where this megatron-core has neither (generation then re-runs the sequence)."""
+    try:
+        from megatron.core.inference.contexts import StaticInferenceContext
+    except ImportError:
+        try:
+            from megatron.core.inference_params import InferenceParams as StaticInferenceContext
+        except ImportError:
+            return None
+    return StaticInferenceContext(rows, max_length)
 
 
 def _logits_output(logits):

@@ -11,6 +11,10 @@ Writes, from rank 0:
   three_stage     conf/experiment/tiny_three_stage.yaml, one step per stage: SFT -> SFT -> GRPO
   reference       max |log-prob difference| of the adapter-off model vs the base model alone (and of the
                   adapter-on model vs the base: it must differ, or the check could not fail)
+  initial_reference  rl.reference=initial / base from the learned adapter, after the policy moved: the reference's
+                  max |log-prob difference| to the starting policy, the base and the current policy
+  kv_cache        per layout (TP=1, TP=2, PP=2): the learned policy's greedy and sampled completions with
+                  megatron's KV cache and without (tokens, max |logit difference|, whether the cache was used)
 """
 import json
 import sys
@@ -81,6 +85,88 @@ def reference_check(adapter_dir) -> dict:
             "adapter_on_vs_base": (on - reference).abs().max().item()}
 
 
+def rl_generator(cfg):
+    """An RL trainer without optimizer or data: its generation and log-prob passes only."""
+    from nemotune.data_prep.tokenizer import load_tokenizer, model_tokenizer
+    from nemotune.recipes.engine.builders import build_lora_model, init_from_config
+    from nemotune.recipes.engine.config import hf_config_of
+    from nemotune.recipes.engine.rl import _RLTrainer
+
+    init_from_config(cfg)
+    hf = hf_config_of(cfg)
+    return _RLTrainer(tokenizer=load_tokenizer(*model_tokenizer(cfg.model)), cfg=cfg,
+                      model=[build_lora_model(cfg, hf)], optimizer=None, scheduler=None,
+                      train_samples=[None] * cfg.trainer.global_batch_size, val_samples=[], pad_id=0, seq_length=0,
+                      hf_config=hf, run_dir=ROOT / "generator", checkpointer=None, log_metrics=False)
+
+
+def initial_reference_check(adapter_dir) -> dict:
+    """rl.reference=initial vs base for a policy started from an adapter, after the policy moved on (its LoRA
+    weights perturbed): max |log-prob difference| of the reference vs the starting policy, vs the base (adapter
+    off) and vs the current policy, and of the current policy before vs after a reference pass."""
+    import numpy as np
+
+    from nemotune.recipes.engine import batches
+    from nemotune.recipes.engine.rl import adapter_disabled, adapter_parameters
+
+    out = {}
+    for reference in ("initial", "base"):
+        trainer = rl_generator(compose_rl([*COMMON, *GRPO, "parallel=single", f"peft.restore_from={adapter_dir}",
+                                           f"rl.reference={reference}"]))
+        ids = torch.randint(5, trainer.hf_config["vocab_size"], (24,), generator=torch.Generator().manual_seed(1))
+        batch = [trainer._collate([batches.Sample(ids.numpy(), np.ones(24, dtype=np.float32), [0])])]
+        start = trainer._token_logps(batch, reference=False)[0]
+        with torch.no_grad():
+            for i, p in enumerate(adapter_parameters(trainer.model)):
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(i)) * 0.05)
+        current = trainer._token_logps(batch, reference=False)[0]
+        ref = trainer._token_logps(batch, reference=True)[0]
+        with adapter_disabled(trainer.model):
+            base = trainer._token_logps(batch, reference=False)[0]
+        out[reference] = {"vs_start": (ref - start).abs().max().item(), "vs_base": (ref - base).abs().max().item(),
+                          "vs_current": (ref - current).abs().max().item(),
+                          "current_kept": (trainer._token_logps(batch, reference=False)[0] - current).abs().max().item()}
+    return out
+
+
+def kv_cache_check(layout: str, adapter_dir) -> dict:
+    """Generation with the KV cache vs re-running the whole sequence, on the learned (nonzero) adapter, greedy
+    and sampled (G = 3 rows that differ), no stop token so every row runs the full length."""
+    from nemotune.recipes.engine.rl import sample_tokens, sampling_generator
+
+    generator = rl_generator(compose_rl([*COMMON, *GRPO, *LAYOUTS[layout], f"peft.restore_from={adapter_dir}"]))
+    hf = generator.hf_config
+    generator.stop_ids = []
+    widths, forward = [], generator._next_token_logits
+
+    def counted(tokens, *args):  # how many positions each forward ran: the whole sequence, or one new token
+        widths.append(tokens.shape[1])
+        return forward(tokens, *args)
+
+    generator._next_token_logits = counted
+    prompt = torch.randint(5, hf["vocab_size"], (17,), generator=torch.Generator().manual_seed(3)).tolist()
+    out = {}
+    for mode, rows in (("greedy", 1), ("sampled", 3)):
+        runs = {}
+        for cache in (False, True):
+            seen, noise = [], sampling_generator(0, 1, 0)
+
+            def choose(logits):
+                seen.append(logits.clone())
+                return logits.argmax(-1) if mode == "greedy" else sample_tokens(logits, 0.95, noise)
+
+            widths.clear()
+            runs[cache] = (generator.generate(prompt, rows, 10, choose, kv_cache=cache)["completions"], seen,
+                           list(widths))
+        diffs = [(a - b).abs().max().item() for a, b in zip(runs[False][1], runs[True][1])]
+        out[mode] = {"tokens": runs[False][0], "cached_tokens": runs[True][0], "widths": runs[False][2],
+                     "cached_widths": runs[True][2], "max_logit_diff": max(diffs) if diffs else None,
+                     "logit_steps": len(diffs)}
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, out)  # the logits are seen on the last pipeline stage only
+    return next(part for part in every if part["greedy"]["logit_steps"])
+
+
 def main():
     results = {"grpo": {}, "dpo": {}}
     learned = grpo("dp2", LEARN_STEPS)
@@ -96,6 +182,8 @@ def main():
     train_rl(compose_rl([*COMMON, "parallel=single", "rl.algorithm=dpo", "rl.dpo.pairs_split=rl",
                          "rl.dpo.max_new_tokens=4", "trainer.global_batch_size=4", "trainer.sft.max_steps=1",
                          f"run.output_dir={split_run}"]))
+    results["kv_cache"] = {layout: kv_cache_check(layout, learned.adapter_dir) for layout in LAYOUTS}
+    results["initial_reference"] = initial_reference_check(learned.adapter_dir)
     results["reference"] = reference_check(learned.adapter_dir)
     # the seed recipe end to end (one step per stage): SFT -> SFT -> GRPO, each stage from the previous adapter
     from nemotune.recipes.rl import train_stage
