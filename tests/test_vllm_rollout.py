@@ -148,6 +148,10 @@ def test_vllm_completions_reach_the_grpo_samples(stub_vllm, tiny_hf, tmp_path):
     assert samples[1].input_ids.tolist() == [1, 2, 6, 6, 101, 7]
     # the loss covers exactly the generated tokens (position i predicts token i + 1)
     assert samples[1].loss_mask.tolist() == [0, 0, 1, 1, 1, 0]
+    # a vLLM failure on rank 0 becomes one error every rank raises (none waits on the broadcast forever)
+    trainer.vllm.generate = lambda *a, **k: (_ for _ in ()).throw(OSError("CUDA out of memory"))
+    with pytest.raises(RuntimeError, match="vLLM rollout of step 6 failed on rank 0: OSError: CUDA out of memory"):
+        GRPOTrainer.vllm_rollouts(trainer, [3], step=6)
 
 
 def test_vllm_backend_refusals(stub_vllm, monkeypatch):

@@ -495,12 +495,18 @@ class GRPOTrainer(_RLTrainer):
         adapter = self.consolidated_adapter()  # the TP=1 adapter, on global rank 0
         result = [None]
         if self.vllm is not None:
-            outs = self.vllm.generate([self.prompts[int(i)].ids for i in indices], [int(i) for i in indices], step,
-                                      adapter, self.checkpointer.adapter_config, num_generations=g.num_generations,
-                                      temperature=g.temperature, top_p=g.top_p, max_new_tokens=g.max_new_tokens)
-            result = [dict(zip((int(i) for i in indices), outs))]
+            try:
+                outs = self.vllm.generate([self.prompts[int(i)].ids for i in indices], [int(i) for i in indices],
+                                          step, adapter, self.checkpointer.adapter_config,
+                                          num_generations=g.num_generations, temperature=g.temperature,
+                                          top_p=g.top_p, max_new_tokens=g.max_new_tokens)
+                result = [dict(zip((int(i) for i in indices), outs))]
+            except Exception as err:  # every rank waits on the broadcast below: tell them, then fail alike
+                result = [f"vLLM rollout of step {step} failed on rank 0: {type(err).__name__}: {err}"]
         if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
             torch.distributed.broadcast_object_list(result, src=0)
+        if isinstance(result[0], str):
+            raise RuntimeError(result[0])
         return result[0]
 
     def rollout(self, prompt_index: int, step: int) -> dict:
