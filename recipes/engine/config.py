@@ -502,6 +502,9 @@ class GRPOConfig:
     steps_per_rollout: int = 1  # optimisation steps on each rollout batch (> 1: the ratio leaves 1 and clips)
     thinking: Optional[str] = None  # on / off: Nemotron's "detailed thinking on|off" system prompt; null = as prepared
     rewards: List[RewardSpec] = field(default_factory=lambda: [RewardSpec()])
+    # megatron: sampled on the Megatron policy itself (any TP / PP, CPU or GPU); vllm: on a vLLM engine on rank 0
+    # (GPU, `pip install vllm`, model.hf_path) with the current adapter loaded per step (engine/vllm_rollout.py)
+    rollout_backend: str = "megatron"
 
 
 @dataclass
@@ -580,6 +583,15 @@ def rl_problems(cfg: DictConfig, *, check_files: bool = True) -> List[str]:
             problems.append(f"rl.grpo.steps_per_rollout={g.steps_per_rollout}: must be >= 1")
         if g.thinking not in (None, "on", "off"):
             problems.append(f"rl.grpo.thinking={g.thinking}: use on, off or null")
+        backend = g.get("rollout_backend", "megatron")
+        if backend not in ("megatron", "vllm"):
+            problems.append(f"rl.grpo.rollout_backend={backend}: use megatron (the default) or vllm")
+        elif backend == "vllm":
+            from nemotune.recipes.engine.vllm_rollout import vllm_problem
+
+            problem = vllm_problem(cfg.model.hf_path)
+            if problem:
+                problems.append(problem)
         from nemotune.recipes.engine.rewards import reward_problems
 
         problems += reward_problems(OmegaConf.to_container(g.rewards, resolve=True))

@@ -11,7 +11,8 @@ rules and step loop); they replace only what one step does.
   chunked over the vocabulary), through megatron's pipeline schedule, so any TP / PP / DP layout works.
 * GRPO (Shao et al. 2024, DeepSeekMath): G completions per prompt sampled from the current policy on the
   Megatron model (`Rollout`: temperature, top-p, Gumbel-max with a generator seeded by (run.seed, step,
-  prompt), so every layout and a resumed run draw the same samples; decoding over megatron's KV cache), rewards from `rewards.Rewards`,
+  prompt), so every layout and a resumed run draw the same samples; decoding over megatron's KV cache), or on
+  vLLM with the adapter loaded per step (rl.grpo.rollout_backend=vllm, `vllm_rollout`), rewards from `rewards.Rewards`,
   group-normalised advantages, the PPO clipped token-level loss over generated tokens only, plus
   kl_coef x the k3 estimator of KL(policy || reference) per token; the loss is the sum over every generated
   token of the global batch divided by their count.
@@ -478,8 +479,36 @@ class GRPOTrainer(_RLTrainer):
     def __init__(self, *, prompts: Sequence[Prompt], rewards, grpo, **kwargs):
         super().__init__(**kwargs)
         self.prompts, self.rewards, self.grpo = list(prompts), rewards, grpo
+        self.vllm = None
+        if grpo.get("rollout_backend", "megatron") == "vllm" and distributed.is_rank_zero():
+            from nemotune.recipes.engine.vllm_rollout import VLLMRollout
+
+            self.vllm = VLLMRollout(hf_path=self.cfg.model.hf_path, max_lora_rank=self.cfg.peft.lora.dim,
+                                    work_dir=self.run_dir, seed=self.cfg.run.seed, max_model_len=self.seq_length,
+                                    stop_ids=self.stop_ids)
 
     # ---- rollout ----
+    def vllm_rollouts(self, indices: Sequence[int], step: int) -> Dict[int, dict]:
+        """Every prompt of the global batch sampled on rank 0's vLLM engine with the current adapter (collective:
+        the adapter is gathered from every rank, the completions broadcast to every rank)."""
+        g = self.grpo
+        adapter = self.consolidated_adapter()  # the TP=1 adapter, on global rank 0
+        result = [None]
+        if self.vllm is not None:
+            try:
+                outs = self.vllm.generate([self.prompts[int(i)].ids for i in indices], [int(i) for i in indices],
+                                          step, adapter, self.checkpointer.adapter_config,
+                                          num_generations=g.num_generations, temperature=g.temperature,
+                                          top_p=g.top_p, max_new_tokens=g.max_new_tokens)
+                result = [dict(zip((int(i) for i in indices), outs))]
+            except Exception as err:  # every rank waits on the broadcast below: tell them, then fail alike
+                result = [f"vLLM rollout of step {step} failed on rank 0: {type(err).__name__}: {err}"]
+        if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+            torch.distributed.broadcast_object_list(result, src=0)
+        if isinstance(result[0], str):
+            raise RuntimeError(result[0])
+        return result[0]
+
     def rollout(self, prompt_index: int, step: int) -> dict:
         """G completions of one prompt sampled from the current policy (temperature applied by the caller)."""
         g = self.grpo
@@ -504,11 +533,18 @@ class GRPOTrainer(_RLTrainer):
         mine = batches.data_parallel_slice(indices, self.dp_rank, self.dp_size)
         micro_batches, reward_rows, part_rows, lengths, generated, entropy_sum = [], [], {}, [], 0, 0.0
         self._generation_time = 0.0
+        sampled = None
+        if g.get("rollout_backend", "megatron") == "vllm":
+            sampled = self.vllm_rollouts(indices, step)
+            self._generation_time = time.perf_counter() - start
         for prompt_index in mine:
             prompt_index = int(prompt_index)
             generation_start = time.perf_counter()
-            with temperature_scaled(self.model, g.temperature):
-                out = self.rollout(prompt_index, step)
+            if sampled is not None:
+                out = sampled[prompt_index]
+            else:
+                with temperature_scaled(self.model, g.temperature):
+                    out = self.rollout(prompt_index, step)
             self._generation_time += time.perf_counter() - generation_start
             prompt = self.prompts[prompt_index]
             texts = [self.tokenizer.decode(c, skip_special_tokens=True).strip() for c in out["completions"]]
