@@ -101,16 +101,27 @@ def _submit(assets: dict, run_dir: Path) -> str:
             f"trainer.sft.max_steps={STEPS}", f"trainer.sft.val_check_interval={STEPS}",
             "trainer.sft.limit_val_batches=1",
             # one CPU node: 2 ranks (DP=2) in one task, no GPUs, the whole 2-core node
-            "cluster=slurm", "cluster.gpus_per_node=0", "cluster.nproc_per_node=2", "cluster.cpus_per_task=2",
-            "cluster.exclusive=false", "cluster.time=00:10:00", f"cluster.master_port={_free_port()}",
-            "+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.PYTHONWARNINGS=ignore"]
+            *_cpu_cluster(ranks=2)]
+    return _launch(argv)[-1]
+
+
+def _cpu_cluster(ranks: int) -> list:
+    """cluster=slurm overrides for the one CPU node: `ranks` processes in one task, no GPUs."""
+    return ["cluster=slurm", "cluster.gpus_per_node=0", f"cluster.nproc_per_node={ranks}",
+            f"cluster.cpus_per_task={ranks}", "cluster.exclusive=false", "cluster.time=00:10:00",
+            f"cluster.master_port={_free_port()}", "+cluster.env.OMP_NUM_THREADS=1",
+            "+cluster.env.PYTHONWARNINGS=ignore"]
+
+
+def _launch(argv: list) -> list:
+    """`nemotune launch argv`; the ids of the jobs it submitted (recorded for the teardown's cancel)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         code = launch_main(argv)
     assert code == 0, err.getvalue()
-    line = [l for l in out.getvalue().splitlines() if l.startswith("Submitted ")][-1]
-    SUBMITTED.append(line.split(" as job ")[1].split()[0])
-    return SUBMITTED[-1]
+    jobs = [l.split(" as job ")[1].split()[0] for l in out.getvalue().splitlines() if l.startswith("Submitted ")]
+    SUBMITTED.extend(jobs)
+    return jobs
 
 
 def _job(job_id: str) -> dict:
@@ -249,16 +260,9 @@ def test_three_stage_seed_recipe_runs_as_three_dependent_jobs(slurm, tiny_assets
             f"run.output_dir={run_dir}", "run.tensorboard=false", f"model.hf_path={tiny_assets['base']}",
             f"model.checkpoint={tiny_assets['mcore']}", f"data.output_dir={tiny_assets['prep']}",
             "peft.lora.dim=8", "trainer.sft.max_steps=1", "trainer.sft.limit_val_batches=1",
-            "cluster=slurm", "cluster.gpus_per_node=0", "cluster.nproc_per_node=1", "cluster.cpus_per_task=1",
-            "cluster.exclusive=false", "cluster.time=00:10:00", f"cluster.master_port={_free_port()}",
-            "+cluster.env.OMP_NUM_THREADS=1", "+cluster.env.PYTHONWARNINGS=ignore"]
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = launch_main(argv)
-    assert code == 0, err.getvalue()
-    jobs = [l.split(" as job ")[1].split()[0] for l in out.getvalue().splitlines() if l.startswith("Submitted ")]
-    SUBMITTED.extend(jobs)
-    assert len(jobs) == 3, out.getvalue()
+            *_cpu_cluster(ranks=1)]
+    jobs = _launch(argv)
+    assert len(jobs) == 3, jobs
     assert _job(jobs[2])["Dependency"].startswith(f"afterok:{jobs[1]}") or _finished(jobs[1])
     _wait(lambda: all(_finished(j) for j in jobs), 420, "the three stage jobs to finish", jobs[-1], run_dir)
     logs = {j: "".join(p.read_text() for p in (run_dir / "slurm").glob(f"*-{j}.out")) for j in jobs}
